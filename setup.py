@@ -1,0 +1,53 @@
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+version = {}
+exec((ROOT / "skywork_deploy" / "version.py").read_text(), version)
+
+setup(
+    name="skywork-deploy",
+    version=version["__version__"],
+    description="Patch, quantize, calibrate, export, compile and run Qwen2 / Skywork-OR1 models for VastAI VACC",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The owner's top-level folders are shipped inside the package, so a regular wheel carries them.
+    packages=[
+        "skywork_deploy", "skywork_deploy.cli",
+        "skywork_deploy.source_code", "skywork_deploy.build_in", "skywork_deploy.calibration",
+    ],
+    package_dir={
+        "skywork_deploy": "skywork_deploy",
+        "skywork_deploy.source_code": "source_code",
+        "skywork_deploy.build_in": "build_in",
+        "skywork_deploy.calibration": "calibration",
+    },
+    package_data={
+        "skywork_deploy.build_in": ["build/*.yaml", "*.md"],
+        "skywork_deploy.calibration": ["*.gz", "*.json", "*.zip", "*.md", "ceval/*/*.csv"],
+    },
+    install_requires=[
+        "click>=8.1",
+        "pyyaml>=6",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "psutil>=5.9",
+        "torch>=2.1",
+        "transformers>=4.45.2",
+        "tokenizers>=0.20",
+        "huggingface_hub>=0.24",
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
+        "onnxscript>=0.1",
+    ],
+    extras_require={
+        "simplify": ["onnxsim>=0.4"],
+        "datasets": ["datasets>=2.19"],
+        "test": ["pytest>=7", "onnxsim>=0.4", "datasets>=2.19"],
+        "bench": ["matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["skywork-deploy=skywork_deploy.cli:main"]},
+)

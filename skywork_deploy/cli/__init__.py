@@ -1,0 +1,70 @@
+"""The `skywork-deploy` command: a thin Click group over the stage modules.
+
+Subcommands are imported only when they run, so `skywork-deploy --help` never imports torch,
+transformers or onnx. Each subcommand lives in `skywork_deploy/cli/<name>.py` as a Click command.
+"""
+import logging
+
+import click
+
+from ..version import __version__
+
+# name -> (module under skywork_deploy.cli, attribute, one-line help shown by `--help`)
+COMMANDS = {
+    "patch": ("patch", "patch", "Write the VACC Qwen2 model files and config_vacc.json into a model folder."),
+    "quantize": ("quantize", "quantize", "Weight-only per-channel int8 (W8A16), streamed tensor by tensor."),
+    "calib": ("calib", "calib", "Build a seeded calibration set from C4, C-Eval or Alpaca."),
+    "export": ("export", "export", "Export prefill and decode ONNX graphs and validate them."),
+    "compile": ("compile", "compile_", "Write the vamc YAML config, check it, and run the compiler."),
+    "run": ("run", "run", "Generate text from an exported bundle (ONNX Runtime, torch or VACC)."),
+    "bench": ("bench", "bench", "Measure prefill latency and decode speed of a bundle."),
+    "build": ("build", "build", "Run the whole pipeline into one build folder (CI entry point)."),
+}
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module_name, attr, _ = COMMANDS[name]
+        import importlib
+
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        return getattr(module, attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, short) for name, (_, _, short) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "--version", prog_name="skywork-deploy")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+def cli(verbose, quiet):
+    """Make Qwen2 / Skywork-OR1 checkpoints ready for VastAI VACC accelerators.
+
+    The pipeline, data flowing one way:
+
+    \b
+      model folder -> patch -> quantize / calib -> export -> compile -> run
+
+    \b
+    Examples:
+      skywork-deploy build --demo
+      skywork-deploy patch ./Skywork-OR1-7B-Preview
+      skywork-deploy compile ./Skywork-OR1-7B-Preview --dtype int8 --dry-run
+    """
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose + 1, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("urllib3", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def main():
+    cli(prog_name="skywork-deploy")

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random Qwen2 checkpoints (transformers' own Qwen2ForCausalLM) built in tmp folders.
+
+Tests are offline: HF_HUB_OFFLINE=1 is set before anything imports huggingface_hub.
+Fixtures here import only the light parts of skywork_deploy, so the source_code compatibility tests also
+run in a transformers 4.45.2 environment.
+"""
+import os
+import shutil
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+# Configurations the parity tests cover; "gqa" is the default tiny model.
+TINY_CONFIGS = {
+    "gqa": {},
+    "tied": {"tie_word_embeddings": True},
+    "mha": {"num_key_value_heads": 4},
+    "theta1e6": {"rope_theta": 1000000.0},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """make(name="gqa", tokenizer=True, **overrides) -> a cached folder with a random Qwen2 checkpoint.
+
+    With tokenizer=True the vocabulary is the real Qwen BPE (151,936 rows); without, 1,024 rows.
+    Callers that modify the folder must copy it first (`copy_model`).
+    """
+    from skywork_deploy.synth import make_random_qwen2
+
+    cache = {}
+
+    def make(name="gqa", tokenizer=True, **overrides):
+        values = {**TINY_CONFIGS.get(name, {}), **overrides}
+        key = (name, tokenizer, tuple(sorted(values.items())))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny-{name}")
+            cache[key] = make_random_qwen2(folder / "model", preset="tiny", tokenizer=tokenizer, **values)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def tiny_model(tiny_model_factory, tmp_path):
+    """A private copy of the default tiny model (GQA, untied, real tokenizer) that a test may change."""
+    return copy_model(tiny_model_factory(), tmp_path / "model")
+
+
+def copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
