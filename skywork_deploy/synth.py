@@ -93,8 +93,9 @@ def make_random_qwen2(dst, preset="tiny", seed=0, dtype="float32", tokenizer=Tru
     values = {**PRESETS[preset], **overrides}
     if not tokenizer and "vocab_size" not in overrides and preset == "tiny":
         values["vocab_size"] = 1024
-    cfg = Qwen2Config(**values, bos_token_id=BASE_VOCAB + 3, eos_token_id=BASE_VOCAB,
-                      use_sliding_window=False, rms_norm_eps=1e-6)
+    special = {"bos_token_id": BASE_VOCAB + 3, "eos_token_id": BASE_VOCAB} if values["vocab_size"] > BASE_VOCAB \
+        else {"bos_token_id": None, "eos_token_id": None}
+    cfg = Qwen2Config(**values, **special, use_sliding_window=False, rms_norm_eps=1e-6)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(cfg).to(getattr(torch, dtype)).eval()
     dst = Path(dst)
