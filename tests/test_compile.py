@@ -18,9 +18,8 @@ from skywork_deploy.compile_config import (
     CompileSettings, build_config, check_settings, check_vamc_config, dump_yaml, make_compile_config,
     plan_compile,
 )
-from skywork_deploy.errors import ConfigError, ExternalToolError
+from skywork_deploy.errors import ConfigError, ExternalToolError, InputError
 from skywork_deploy.known_models import KNOWN_MODELS, diff_known_configs, known_spec, write_known_configs
-from skywork_deploy.manifest import write_manifest
 from skywork_deploy.patch import patch_model
 from skywork_deploy.vamc import compile_model, find_vamc, run_vamc, write_config
 
@@ -185,15 +184,26 @@ def test_align_qkv_exactly_when_tp_does_not_divide_kv_heads(patched, heads, kv, 
 
 def test_7b_tp_rules():
     spec = known_spec("Skywork-OR1-7B-Preview")
-    assert any("tp: 8 does not divide the 28 attention heads" in p for p in check_settings(spec, CompileSettings(tp=8)))
+    problems = check_settings(spec, CompileSettings(tp=8))
+    assert any("tp: 8 does not divide the 28 attention heads" in p for p in problems), problems
     cfg = build_config(spec, "/m", CompileSettings(tp=7))  # 28 heads / 7 fine, 4 KV heads / 7 not
-    assert check_settings(spec, CompileSettings(tp=7)) == [] and cfg["frontend"]["model_kwargs"]["align_qkv"] is True
+    assert check_settings(spec, CompileSettings(tp=7)) == []
+    assert cfg["frontend"]["model_kwargs"]["align_qkv"] is True
 
 
-# Each check with a failing example: (settings overrides, text the problem must contain). Tiny: 4 heads, 4096 positions.
+def ds(**changes):
+    """A valid `dataset:` block with some values changed (None removes the key)."""
+    block = {"type": "huggingface", "name": "c4", "path": "allenai/c4", "nsamples": 8, "seqlen": 64, **changes}
+    return {k: v for k, v in block.items() if v is not None}
+
+
+# Each check with a failing example: (settings overrides, text the problem must contain).
+# The tiny model has 4 heads, 2 KV heads and 4096 positions.
+INT8 = {"dtype": "int8"}
 FAILING = {
     "bucket not a multiple of 16": ({"seq_lens": [1000, 2048]}, "seq_lens: 1000 is not a positive multiple of 16"),
-    "bucket over max positions": ({"seq_lens": [1024, 8192]}, "seq_lens: 8192 exceeds max_position_embeddings 4096"),
+    "bucket over max positions": ({"seq_lens": [1024, 8192]},
+                                  "seq_lens: 8192 exceeds max_position_embeddings 4096"),
     "buckets repeated": ({"seq_lens": [1024, 1024]}, "must be increasing without repeats"),
     "buckets unordered": ({"seq_lens": [2048, 1024]}, "(use 1024,2048)"),
     "no bucket": ({"seq_lens": []}, "seq_lens: empty"),
@@ -203,33 +213,30 @@ FAILING = {
     "bad name": ({"name": "../x"}, "name: '../x' is used as a file and folder name"),
     "empty workspace": ({"workspace": " "}, "workspace: empty"),
     "bad dtype": ({"dtype": "bf16"}, "dtype: 'bf16' is not supported"),
-    "int8 without quantize type": ({"dtype": "int8", "quantize_type": "w4a16"}, "int8 needs a quantize type"),
+    "int8 without quantize type": ({**INT8, "quantize_type": "w4a16"}, "int8 needs a quantize type"),
     "fp16 with quantize type": ({"quantize_type": "w8a16_gptq"}, "set for an fp16 build"),
-    "dataset on fp16": ({"dataset": {"type": "huggingface", "name": "c4", "path": "allenai/c4", "nsamples": 8,
-                                     "seqlen": 1024}}, "calibration data is used by int8 builds only"),
-    "dataset unknown name": ({"dtype": "int8", "dataset": {"type": "huggingface", "name": "wiki", "path": "x",
-                                                            "nsamples": 8, "seqlen": 64}}, "dataset.name: 'wiki'"),
-    "dataset nsamples 0": ({"dtype": "int8", "dataset": {"type": "huggingface", "name": "c4", "path": "x",
-                                                          "nsamples": 0, "seqlen": 64}}, "dataset.nsamples: 0"),
-    "dataset seqlen too long": ({"dtype": "int8", "dataset": {"type": "huggingface", "name": "c4", "path": "x",
-                                                               "nsamples": 8, "seqlen": 9000}},
+    "dataset on fp16": ({"dataset": ds()}, "calibration data is used by int8 builds only"),
+    "dataset unknown name": ({**INT8, "dataset": ds(name="wiki")}, "dataset.name: 'wiki'"),
+    "dataset nsamples 0": ({**INT8, "dataset": ds(nsamples=0)}, "dataset.nsamples: 0"),
+    "dataset seqlen 0": ({**INT8, "dataset": ds(seqlen=0)}, "dataset.seqlen: 0 must be a positive integer"),
+    "dataset seqlen too long": ({**INT8, "dataset": ds(seqlen=9000)},
                                 "dataset.seqlen: 9000 exceeds max_position_embeddings"),
-    "dataset missing keys": ({"dtype": "int8", "dataset": {"name": "c4"}}, "dataset: missing type, path, nsamples"),
-    "dataset type": ({"dtype": "int8", "dataset": {"type": "json", "name": "c4", "path": "x", "nsamples": 1,
-                                                    "seqlen": 64}}, "dataset.type: 'json'"),
-    "calib and dataset": ({"dtype": "int8", "calib": "CALIB", "dataset": {"type": "huggingface", "name": "c4",
-                                                                          "path": "x", "nsamples": 1, "seqlen": 64}},
+    "dataset empty path": ({**INT8, "dataset": ds(path="")}, "dataset.path: empty"),
+    "dataset missing keys": ({**INT8, "dataset": ds(type=None, nsamples=None)}, "dataset: missing type, nsamples"),
+    "dataset type": ({**INT8, "dataset": ds(type="json")}, "dataset.type: 'json'"),
+    "calib and dataset": ({**INT8, "calib": "CALIB", "dataset": ds()},
                           "give either a calibration manifest or a dataset block"),
 }
 
 
-@pytest.fixture
-def calib_dir(tmp_path):
-    """A calibration manifest in the calib stage's layout, built from the same tokenizer as the tiny models."""
-    out = tmp_path / "calib"
-    out.mkdir()
-    write_manifest(out, "calib", dataset_block={"type": "huggingface", "name": "c4", "path": "allenai/c4",
-                                                "nsamples": 8, "seqlen": 64}, tokenizer={"vocab_size": 151650})
+@pytest.fixture(scope="module")
+def calib_dir(patched, tmp_path_factory):
+    """A real calibration set (the calib stage, Alpaca sample file) built with the tiny model's tokenizer."""
+    from skywork_deploy.calib import build_calib
+
+    out = tmp_path_factory.mktemp("calib") / "alpaca"
+    build_calib("alpaca", [str(ROOT / "calibration" / "alpaca-sample.json")], str(patched()), out, nsamples=2,
+                seqlen=32)
     return out
 
 
@@ -256,21 +263,23 @@ def test_calibration_manifest_adds_the_dataset_block(patched, calib_dir):
     assert problems == []
     cfg = yaml.safe_load(text)
     assert list(cfg) == ["name", "frontend", "backend", "workspace", "dataset"]
-    assert cfg["dataset"] == {"type": "huggingface", "name": "c4", "path": "allenai/c4", "nsamples": 8, "seqlen": 64}
+    assert list(cfg["dataset"]) == ["type", "name", "path", "nsamples", "seqlen"]
+    assert cfg["dataset"] == ds(name="alpaca", path=str(ROOT / "calibration" / "alpaca-sample.json"), nsamples=2,
+                                seqlen=32)
 
 
-def test_calibration_tokenizer_must_match_the_model(patched, tmp_path):
-    folder = patched()
-    out = tmp_path / "calib-other"
-    out.mkdir()
-    write_manifest(out, "calib", dataset_block={"type": "huggingface", "name": "c4", "path": "allenai/c4",
-                                                "nsamples": 8, "seqlen": 64},
-                   tokenizer={"vocab_size": 152100, "files": {"vocab.json": "0" * 64}})
-    _, _, problems = make_compile_config(folder, CompileSettings(dtype="int8", calib=str(out)))
-    assert any("152100 tokens but tiny has 151936 embedding rows" in p for p in problems), problems
-    assert any("vocab.json differs from the tokenizer the calibration set was built with" in p for p in problems)
-    with pytest.raises(ConfigError, match="holds no calibration manifest"):
-        make_compile_config(folder, CompileSettings(dtype="int8", calib=str(tmp_path)))
+def test_calibration_tokenizer_must_match_the_model(patched, calib_dir, tmp_path):
+    small = patched(vocab_size=151000)  # fewer embedding rows than the tokenizer's 151,650 tokens
+    _, _, problems = make_compile_config(small, CompileSettings(dtype="int8", calib=str(calib_dir)))
+    assert any("tokenizer has 151650 tokens but tiny has 151000 embedding rows" in p for p in problems), problems
+    other = tmp_path / "other"
+    shutil.copytree(patched(), other)
+    (other / "merges.txt").write_text((other / "merges.txt").read_text() + "a b\n")
+    _, _, problems = make_compile_config(other, CompileSettings(dtype="int8", calib=str(calib_dir)))
+    assert problems == [f"calib ({calib_dir}): merges.txt differs from the tokenizer the calibration set was "
+                        "built with (re-run `skywork-deploy calib --model` with this model)"]
+    with pytest.raises(InputError, match="no calibration manifest"):
+        make_compile_config(other, CompileSettings(dtype="int8", calib=str(tmp_path)))
 
 
 def test_checkpoint_must_carry_the_current_patch(tiny_model, patched, tmp_path):
@@ -280,7 +289,7 @@ def test_checkpoint_must_carry_the_current_patch(tiny_model, patched, tmp_path):
     shutil.copytree(patched(), stale)
     (stale / "modeling_qwen2_vacc.py").write_text("# an older version\n")
     _, _, problems = make_compile_config(stale, CompileSettings())
-    assert any("modeling_qwen2_vacc.py: differs from this skywork-deploy version" in p for p in problems), problems
+    assert any("modeling_qwen2_vacc.py: differs from this skywork-deploy version" in p for p in problems)
     cfg = json.loads((stale / "config.json").read_text())
     (stale / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "vacc_w8a16"}}))
     _, _, problems = make_compile_config(stale, CompileSettings(dtype="int8"))
@@ -288,8 +297,8 @@ def test_checkpoint_must_carry_the_current_patch(tiny_model, patched, tmp_path):
 
 
 def test_problems_are_all_reported_in_one_error(patched):
-    result = CliRunner().invoke(compile_, [str(patched()), "--dtype", "fp16", "--tp", "3", "--seq-lens", "1000,8192",
-                                           "--workers", "0", "--dry-run"])
+    result = CliRunner().invoke(compile_, [str(patched()), "--dtype", "fp16", "--tp", "3",
+                                           "--seq-lens", "1000,8192", "--workers", "0", "--dry-run"])
     assert result.exit_code == 1
     assert "4 problem(s)" in result.output
     for text in ("tp: 3", "seq_lens: 1000", "seq_lens: 8192", "workers: 0"):
@@ -347,7 +356,8 @@ def test_build_in_configs_regenerate_without_difference(tmp_path):
 # ---- the driver ----
 
 def test_dry_run_prints_yaml_and_command_and_runs_nothing(patched, fake_vamc, tmp_path):
-    result = CliRunner().invoke(compile_, [str(patched()), "--dtype", "int8", "--dry-run", "--vamc", str(fake_vamc)])
+    args = [str(patched()), "--dtype", "int8", "--dry-run", "--vamc", str(fake_vamc)]
+    result = CliRunner().invoke(compile_, args)
     assert result.exit_code == 0, result.output
     cfg = yaml.safe_load(result.output)  # the command is a YAML comment: the output stays valid YAML
     assert cfg["name"] == "tiny-int8-tp4-1024-2048"

@@ -1,0 +1,135 @@
+"""W8A16 in ONNX, two flavours, both derived from one trace.
+
+The trace always emits the vendor's op for every quantized projection (through an export patch on
+`QuantizedLinearPerChannel.forward`):
+
+    x ──► Vastai::QuantizedLinearPerChannel(x, int8_weight (out,in), scale (out,)) ──► [Add bias] ──►
+
+`to_standard` rewrites each custom node into what ONNX Runtime runs, with the weight stored transposed so
+that DequantizeLinear feeds MatMul directly (the pattern ORT may fuse into MatMulNBits):
+
+    int8_weight.T (in,out) ──► DequantizeLinear(scale (out,), axis=1) ──► MatMul(x, ·) ──►
+
+`to_reference` rewrites a copy of the vacc graph with the same initializers (DQ axis 0, then Transpose), so
+ORT can check the vacc graph numerically even though it cannot run the custom op.
+"""
+import onnx
+from onnx import helper
+
+DOMAIN, OP = "Vastai", "QuantizedLinearPerChannel"
+DOMAIN_VERSION = 1
+TRANSPOSED = ".T"  # suffix of initializers stored transposed (their recipe says so in weights.py)
+
+
+def vacc_patches():
+    """Export patches: [(owner, attribute, replacement, reason)] for graphs.export_patches."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..source_code.quantization_vacc import QuantizedLinearPerChannel, dequantize_per_channel
+
+    class VaccLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, scale, out_features):
+            return F.linear(x, dequantize_per_channel(weight, scale, x.dtype))
+
+        @staticmethod
+        def symbolic(g, x, weight, scale, out_features):
+            out = g.op(f"{DOMAIN}::{OP}", x, weight, scale)
+            sizes = x.type().varyingSizes() if x.type().dim() is not None else None
+            if sizes:
+                out.setType(x.type().with_sizes(sizes[:-1] + [out_features]))
+            else:
+                out.setType(x.type())
+            return out
+
+    def forward(self, x):
+        y = VaccLinear.apply(x, self.weight, self.weight_scale, self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    return [(QuantizedLinearPerChannel, "forward", forward,
+             "emit Vastai::QuantizedLinearPerChannel instead of tracing the dequantize arithmetic")]
+
+
+def custom_nodes(proto):
+    return [n for n in proto.graph.node if n.domain == DOMAIN and n.op_type == OP]
+
+
+def _inputs(proto):
+    return {v.name: v for v in proto.graph.input}
+
+
+def to_standard(proto, params):
+    """Replace every custom node by DequantizeLinear(int8 weight.T, scale, axis=1) + MatMul, in place.
+
+    `params` ({graph input: (state name, transposed)}) gains the transposed weights.
+    """
+    inputs = _inputs(proto)
+    nodes = []
+    for node in proto.graph.node:
+        if not (node.domain == DOMAIN and node.op_type == OP):
+            nodes.append(node)
+            continue
+        x, weight, scale = node.input
+        w_t = weight + TRANSPOSED
+        if w_t not in inputs:
+            out_f, in_f = [d.dim_value for d in inputs[weight].type.tensor_type.shape.dim]
+            value = helper.make_tensor_value_info(w_t, onnx.TensorProto.INT8, [in_f, out_f])
+            proto.graph.input.append(value)
+            inputs[w_t] = value
+            params[w_t] = (params[weight][0], True)
+        dq = node.output[0] + "/dq"
+        nodes.append(helper.make_node("DequantizeLinear", [w_t, scale], [dq], name=node.name + "/DequantizeLinear",
+                                      axis=1))
+        nodes.append(helper.make_node("MatMul", [x, dq], list(node.output), name=node.name + "/MatMul"))
+    _replace_nodes(proto, nodes)
+    _drop_unused_inputs(proto, params)
+    _drop_domain(proto)
+    return proto
+
+
+def to_reference(proto):
+    """A copy of a vacc graph with each custom node as DequantizeLinear(axis 0) + Transpose + MatMul."""
+    ref = onnx.ModelProto()
+    ref.CopyFrom(proto)
+    nodes = []
+    for node in ref.graph.node:
+        if not (node.domain == DOMAIN and node.op_type == OP):
+            nodes.append(node)
+            continue
+        x, weight, scale = node.input
+        dq, wt = node.output[0] + "/dq", node.output[0] + "/dq_t"
+        nodes += [helper.make_node("DequantizeLinear", [weight, scale], [dq], axis=0),
+                  helper.make_node("Transpose", [dq], [wt], perm=[1, 0]),
+                  helper.make_node("MatMul", [x, wt], list(node.output))]
+    _replace_nodes(ref, nodes)
+    _drop_domain(ref)
+    return ref
+
+
+def _replace_nodes(proto, nodes):
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+
+
+def _drop_unused_inputs(proto, params):
+    used = {i for n in proto.graph.node for i in n.input}
+    keep = [v for v in proto.graph.input if v.name in used or v.name not in params]
+    for v in proto.graph.input:
+        if v.name not in used and v.name in params:
+            del params[v.name]
+    del proto.graph.input[:]
+    proto.graph.input.extend(keep)
+
+
+def _drop_domain(proto):
+    keep = [o for o in proto.opset_import if o.domain != DOMAIN]
+    del proto.opset_import[:]
+    proto.opset_import.extend(keep)
+
+
+def ensure_domain(proto):
+    """Declare the Vastai domain (version 1) when the graph uses the custom op."""
+    if custom_nodes(proto) and not any(o.domain == DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    return proto

@@ -1,0 +1,206 @@
+"""Initializers streamed from the safetensors shards into one external data file shared by both graphs.
+
+Each graph input that is a parameter gets a recipe: the checkpoint tensor it comes from, whether it is stored
+transposed, and its ONNX element type (float32, float16, or int8 / float32 scale for quantized projections,
+quantized on the fly from float weights when the folder is not quantized yet). Tensors are read one at a
+time with plain file reads (no mmap, so the shards never count in this process's RSS), converted, and
+appended to `model.onnx.data`; a transposed tensor is converted in column blocks. Peak memory is about one
+source tensor plus one block, whatever the number of layers.
+"""
+import json
+import struct
+from pathlib import Path
+
+import onnx
+
+from ..errors import ModelFormatError
+from ..spec import checkpoint_files
+
+DATA_FILE = "model.onnx.data"
+ALIGN = 4096  # page-aligned offsets let ONNX Runtime map the data file
+BLOCK_BYTES = 64 << 20
+ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "F64": "float64",
+             "I64": "int64", "I32": "int32", "U8": "uint8"}
+ONNX_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+              onnx.TensorProto.INT8: "int8", onnx.TensorProto.INT64: "int64"}
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint, read one at a time without mmap."""
+
+    def __init__(self, folder):
+        self.index = {}
+        for path in checkpoint_files(folder):
+            with open(path, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            for name, meta in header.items():
+                if name != "__metadata__":
+                    self.index[name] = (path, 8 + n, meta)
+
+    def __contains__(self, name):
+        return name in self.index
+
+    def read(self, name):
+        import torch
+
+        if name not in self.index:
+            raise ModelFormatError(f"tensor {name!r} is missing from the checkpoint (re-download the shards)")
+        path, base, meta = self.index[name]
+        start, end = meta["data_offsets"]
+        buf = bytearray(end - start)
+        with open(path, "rb") as fh:
+            fh.seek(base + start)
+            fh.readinto(buf)
+        dtype = getattr(torch, ST_DTYPES[meta["dtype"]])
+        if not buf:
+            return torch.zeros(meta["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
+
+
+def fold_transposes(proto, params):
+    """Store weights that only feed Transpose(perm 1,0) transposed and drop those Transpose nodes."""
+    consumers = {}
+    for node in proto.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    inputs = {v.name: v for v in proto.graph.input}
+    renames, dropped = {}, set()
+    for name in list(params):
+        users = consumers.get(name, [])
+        if not users or not all(u.op_type == "Transpose" and _perm(u) == [1, 0] for u in users):
+            continue
+        new = name + ".T"
+        value = inputs[name]
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        value.CopyFrom(onnx.helper.make_tensor_value_info(new, value.type.tensor_type.elem_type, dims[::-1]))
+        params[new] = (params.pop(name)[0], True)
+        for u in users:
+            renames[u.output[0]] = new
+            dropped.add(id(u))
+    nodes = [n for n in proto.graph.node if id(n) not in dropped]
+    for node in nodes:
+        for k, i in enumerate(node.input):
+            if i in renames:
+                node.input[k] = renames[i]
+    for out in proto.graph.output:
+        if out.name in renames:  # a weight passed straight out: never happens in our graphs, refuse loudly
+            raise ModelFormatError(f"graph output {out.name} is a transposed weight")
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return proto
+
+
+def _perm(node):
+    for a in node.attribute:
+        if a.name == "perm":
+            return list(a.ints)
+    return None
+
+
+def param_specs(proto, params):
+    """{graph input: (state name, transposed, onnx element type, shape)} for every parameter input."""
+    specs = {}
+    for value in proto.graph.input:
+        if value.name in params:
+            state, transposed = params[value.name]
+            t = value.type.tensor_type
+            specs[value.name] = (state, transposed, t.elem_type, [d.dim_value for d in t.shape.dim])
+    return specs
+
+
+def estimate_bytes(specs):
+    sizes = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.INT8: 1}
+    total = 0
+    for _, _, elem, shape in specs.values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n * sizes.get(elem, 4)
+    return total
+
+
+class _Source:
+    """Produces each recipe's tensor (as stored, before any transpose), quantizing float weights on demand."""
+
+    def __init__(self, checkpoint):
+        self.ckpt = checkpoint
+        self.scales = {}
+
+    def tensor(self, state, elem):
+        import torch
+
+        from ..source_code.quantization_vacc import quantize_per_channel
+
+        if state.endswith(".weight_scale") and state not in self.ckpt:
+            weight = state[: -len("_scale")]
+            if weight not in self.scales:
+                self.scales[weight] = quantize_per_channel(self.ckpt.read(weight))[1]
+            return self.scales.pop(weight)
+        t = self.ckpt.read(state)
+        if elem == onnx.TensorProto.INT8 and t.is_floating_point():
+            q, scale = quantize_per_channel(t)
+            self.scales[state] = scale
+            return q
+        dtype = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8,
+                 "int64": torch.int64}[ONNX_TYPES[elem]]
+        return t.to(dtype)
+
+
+def write_initializers(folder, protos, params_list, data_path):
+    """Stream every parameter of `protos` into `data_path` once; turn their inputs into external initializers.
+
+    The graphs must share parameter names and recipes (prefill and decode do). Returns bytes written.
+    """
+    data_path = Path(data_path)
+    specs = {}
+    for proto, params in zip(protos, params_list):
+        for name, spec in param_specs(proto, params).items():
+            if name in specs and specs[name] != spec:
+                raise ModelFormatError(f"{name}: prefill and decode disagree on this weight (internal error)")
+            specs[name] = spec
+    source = _Source(Checkpoint(folder))
+    # quantized weights before their scales, so each scale comes from the cache
+    order = sorted(specs, key=lambda n: (specs[n][0].replace("_scale", ""), specs[n][0].endswith("_scale")))
+    locations = {}
+    with open(data_path, "wb") as fh:
+        for name in order:
+            state, transposed, elem, shape = specs[name]
+            t = source.tensor(state, elem)
+            expect = shape[::-1] if transposed else shape
+            if list(t.shape) != expect:
+                raise ModelFormatError(f"tensor {state}: shape {list(t.shape)} in the checkpoint, the config "
+                                       f"implies {expect} (config.json and the shards disagree)")
+            pad = (-fh.tell()) % (ALIGN if t.numel() * t.element_size() >= ALIGN else 64)
+            fh.write(b"\0" * pad)
+            offset = fh.tell()
+            if transposed:
+                step = max(1, BLOCK_BYTES // max(1, t.shape[0] * t.element_size()))
+                for c in range(0, t.shape[1], step):
+                    fh.write(t[:, c:c + step].t().contiguous().numpy().tobytes())
+            else:
+                fh.write(memoryview(t.contiguous().numpy()).cast("B"))
+            locations[name] = (elem, shape, offset, fh.tell() - offset)
+            del t
+        size = fh.tell()
+    for proto in protos:
+        _attach(proto, locations, data_path.name)
+    return size
+
+
+def _attach(proto, locations, location):
+    keep, inits = [], []
+    for value in proto.graph.input:
+        if value.name not in locations:
+            keep.append(value)
+            continue
+        elem, shape, offset, length = locations[value.name]
+        tensor = onnx.TensorProto(name=value.name, data_type=elem, dims=shape)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, val in (("location", location), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, val
+        inits.append(tensor)
+    del proto.graph.input[:]
+    proto.graph.input.extend(keep)
+    proto.graph.initializer.extend(inits)

@@ -1,0 +1,55 @@
+"""Stage 7, build: patch -> calib (int8) -> quantize (int8) -> export -> validate -> compile, in one folder.
+
+    BUILD/
+      build.yaml          the effective settings (repeat the build with `-c BUILD/build.yaml`)
+      manifest.json       versions, model identity, stages (options, time, peak RSS), artifacts, validation
+      patch/ calib/ quantize/ export/ validate/ compile/    one folder per stage, each with its manifest
+      .stages/<stage>.json                                   cache records (the key of each finished stage)
+
+Each stage calls the stage module the CLI command of the same name calls. `compile` runs `vamc` when it is
+found, otherwise it writes and checks the config as a dry run and says so.
+"""
+import logging
+from pathlib import Path
+
+from ..errors import ValidationError
+from .runner import Runner, folder_fingerprint, write_build_manifest
+from .settings import BuildSettings
+from . import stages
+
+log = logging.getLogger(__name__)
+
+
+def default_output(settings):
+    return f"build-{Path(str(settings.model)).name}-{settings.dtype}"
+
+
+def run_build(settings, force=False, echo=None):
+    """Run every stage of `settings` (a checked BuildSettings). Returns the build manifest (a dict).
+
+    Raises ValidationError after writing the manifest when a validation did not pass.
+    """
+    from ..fsutil import write_text
+    from ..patch import resolve_model
+
+    settings.check()
+    build_dir = Path(settings.output or default_output(settings))
+    build_dir.mkdir(parents=True, exist_ok=True)
+    write_text(build_dir / "build.yaml", settings.to_yaml())
+    model = resolve_model(settings.model, settings.revision)
+    identity = {"source": settings.model, "revision": settings.revision, "folder": str(model.resolve()),
+                "fingerprint": folder_fingerprint(model)}
+    runner = Runner(build_dir, force=force, echo=echo)
+    for name, upstream, options, fn in stages.plan(settings, model, build_dir):
+        runner.run(name, options, upstream, fn, inputs_identity=identity["fingerprint"])
+    validation = stages.summarize_validation(runner.results)
+    passed = all(v.get("passed", False) for v in validation.values())
+    manifest = write_build_manifest(build_dir, settings, identity, runner, validation, passed)
+    if not passed:
+        failed = [name for name, v in validation.items() if not v.get("passed")]
+        raise ValidationError(f"{build_dir / 'manifest.json'}: validation failed in {', '.join(failed)} "
+                              "(see the table above and the stage's validation.json)")
+    return manifest
+
+
+__all__ = ["BuildSettings", "run_build", "default_output"]

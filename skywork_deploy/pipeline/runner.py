@@ -1,0 +1,173 @@
+"""The build runner: stages in order, each cached by the hash of its inputs and options.
+
+A stage writes its output folder `BUILD/<stage>/` (atomically, through the stage's own module) and then a
+record `BUILD/.stages/<stage>.json` holding its key. A stage whose key is unchanged and whose record and
+folder exist is skipped; `force` redoes everything; a build interrupted mid-stage has no record for that
+stage, so the next run resumes there.
+"""
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from ..errors import DeployError
+from ..fsutil import sha256_file, write_json
+from ..manifest import make_manifest
+from ..version import __version__
+
+log = logging.getLogger(__name__)
+RECORDS = ".stages"
+LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxsim", "safetensors", "tokenizers", "numpy")
+
+
+class PeakMemory:
+    """Peak RSS of this process while a `with` block runs, sampled every 20 ms by a thread."""
+
+    def __init__(self, interval=0.02):
+        import psutil
+
+        self._proc, self._interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self._interval)
+
+    def __enter__(self):
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def stage_key(name, options, upstream):
+    blob = json.dumps({"stage": name, "options": options, "upstream": upstream, "tool": __version__},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def folder_fingerprint(folder):
+    """A model folder's identity without reading its weights: small files by content; weight files by name,
+    size and the sha256 of their safetensors header (which names every tensor with its shape and offsets)."""
+    from ..spec import read_safetensors_header
+
+    h = hashlib.sha256()
+    for path in sorted(Path(folder).iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        h.update(path.name.encode() + b"\0")
+        if path.suffix == ".safetensors":
+            header = json.dumps(read_safetensors_header(path), sort_keys=True).encode()
+            h.update(str(path.stat().st_size).encode() + hashlib.sha256(header).digest())
+        else:
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def artifacts(folder, root, skip_suffixes=()):
+    """[{path, bytes, sha256}] of every file under `folder` (paths relative to the build root)."""
+    out = []
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            entry = {"path": path.relative_to(root).as_posix(), "bytes": path.stat().st_size}
+            if path.suffix in skip_suffixes:
+                entry["sha256"] = None
+                entry["note"] = "linked from the model folder; identified by the model fingerprint"
+            else:
+                entry["sha256"] = sha256_file(path)
+            out.append(entry)
+    return out
+
+
+def library_versions():
+    from importlib import metadata
+
+    versions = {"python": platform.python_version(), "skywork-deploy": __version__}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+class Runner:
+    """Runs (name, options, upstream names, function) stages into `build_dir` with caching."""
+
+    def __init__(self, build_dir, force=False, echo=None):
+        self.build_dir = Path(build_dir)
+        self.force = force
+        self.echo = echo or (lambda text: None)
+        self.keys, self.results, self.rows = {}, {}, []
+
+    def record_path(self, name):
+        return self.build_dir / RECORDS / f"{name}.json"
+
+    def run(self, name, options, upstream, fn, inputs_identity=None):
+        key = stage_key(name, options, {"inputs": inputs_identity, **{u: self.keys[u] for u in upstream}})
+        self.keys[name] = key
+        folder = self.build_dir / name
+        record = self._read_record(name)
+        if not self.force and record and record.get("key") == key and folder.exists():
+            self.echo(f"[{name}] unchanged, skipped (cached)")
+            record["skipped"] = True
+            self.results[name] = record
+            self.rows.append(record)
+            return record
+        if folder.exists():
+            shutil.rmtree(folder)
+        self.record_path(name).unlink(missing_ok=True)
+        self.echo(f"[{name}] running...")
+        start = time.perf_counter()
+        with PeakMemory() as mem:
+            result = fn(folder)
+        record = {"stage": name, "key": key, "options": options, "skipped": False,
+                  "seconds": round(time.perf_counter() - start, 3), "peak_rss_bytes": mem.peak,
+                  "result": result}
+        (self.build_dir / RECORDS).mkdir(parents=True, exist_ok=True)
+        write_json(self.record_path(name), record)
+        self.echo(f"[{name}] done in {record['seconds']:.1f} s, peak RSS {mem.peak / 2**30:.2f} GiB")
+        self.results[name] = record
+        self.rows.append(record)
+        return record
+
+    def _read_record(self, name):
+        path = self.record_path(name)
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+
+def write_build_manifest(build_dir, settings, identity, runner, validation, passed, skip_suffixes=(".safetensors",)):
+    stages, arts = {}, []
+    for row in runner.rows:
+        name = row["stage"]
+        stages[name] = {k: row[k] for k in ("options", "seconds", "peak_rss_bytes", "skipped", "key")}
+        folder = Path(build_dir) / name
+        if folder.exists():
+            skips = skip_suffixes if name == "patch" else ()
+            arts.extend(artifacts(folder, build_dir, skips))
+    manifest = make_manifest("build", settings=settings.to_dict(), model=identity, versions=library_versions(),
+                             stages=stages, artifacts=arts, validation=validation, passed=passed,
+                             host={"machine": platform.machine(), "cpus": os.cpu_count()})
+    write_json(Path(build_dir) / "manifest.json", manifest)
+    return manifest
+
+
+def raise_if_failed(errors):
+    if errors:
+        raise DeployError("; ".join(errors))

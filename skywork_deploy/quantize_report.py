@@ -1,0 +1,175 @@
+"""What quantization did to a model: weight errors and bytes per layer, and end to end on fixed prompts.
+
+Definitions (also written into the report):
+- rel_fro: per tensor, ||W - deq(Q)||_F / ||W||_F, with deq(Q) = Q * scale[:, None] in fp32 (0 for W = 0);
+- max_row_rel: per tensor, max over elements of |W - deq(Q)| / absmax(row of W); rounding bounds it by
+  0.5 / 127 = 0.394% for 8 bits (rows of zeros count as 0). One exception, from the vendor's math: a row
+  whose absmax is below 127 x the smallest normal float32 (~1.5e-36) gets that smallest scale and
+  quantizes to zeros, relative error 1;
+- per layer and in total: the max and the mean of rel_fro over the quantized tensors, the max of max_row_rel;
+- end to end, over every position of every prompt (fp32 logits, our model, no last-position slice):
+  max_abs_diff of logits, top1_agreement (share of positions whose argmax agrees), mean_kl =
+  mean KL(softmax(original) || softmax(quantized)) in nats; plus bit_identical_to_in_memory: the quantized
+  folder's logits equal (torch.equal) those of the original model quantized in memory with `quantize(bits)`.
+"""
+import gc
+import math
+
+from .errors import ValidationError
+from .spec import tokenizer_files
+
+DEFINITIONS = {
+    "rel_fro": "||W - deq(Q)||_F / ||W||_F per tensor, deq(Q) = Q * scale[:, None] in fp32",
+    "max_row_rel": "max |W - deq(Q)| / absmax(row of W) per tensor; <= 0.5/127 for 8 bits, except rows "
+                   "with absmax < 127 * float32 tiny, which become zeros (1.0)",
+    "rel_fro_max/rel_fro_mean": "max / mean of rel_fro over the quantized tensors of the layer or model",
+    "bytes_before/bytes_after": "tensor data bytes in the source / output safetensors (headers excluded)",
+    "end_to_end": "fp32 logits at every prompt position: original vs quantized folder (max abs diff, top-1 "
+                  "agreement, mean KL(original || quantized) in nats)",
+}
+PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Solve for x: 2x + 3 = 11. First, subtract 3 from both sides",
+    "人工智能的未来是",
+)
+
+
+class WeightError:
+    """Accumulates the error of one quantized tensor over its row chunks."""
+
+    def __init__(self):
+        self.err_sq, self.ref_sq, self.max_row_rel, self.shape_rows = 0.0, 0.0, 0.0, 0
+
+    def update(self, w, q, scale):
+        import torch
+
+        from .source_code.quantization_vacc import dequantize_per_channel
+
+        w = w.to(torch.float32)  # (rows, in)
+        diff = w - dequantize_per_channel(q, scale, torch.float32)  # (rows, in)
+        self.err_sq += float(diff.double().pow(2).sum())  # float64: squares of large weights overflow fp32
+        self.ref_sq += float(w.double().pow(2).sum())
+        absmax = w.abs().amax(dim=1)  # (rows,)
+        row_err = diff.abs().amax(dim=1)  # (rows,)
+        rel = torch.where(absmax > 0, row_err / torch.where(absmax > 0, absmax, 1.0), 0.0)
+        if rel.numel():
+            self.max_row_rel = max(self.max_row_rel, float(rel.max()))
+        self.shape_rows += w.shape[0]
+
+    @property
+    def rel_fro(self):
+        return math.sqrt(self.err_sq / self.ref_sq) if self.ref_sq > 0 else 0.0
+
+
+def _summary(plans, errors):
+    rel = [errors[p.out_name].rel_fro for p in plans if p.quantize]
+    row = [errors[p.out_name].max_row_rel for p in plans if p.quantize]
+    return {
+        "tensors": len(plans), "quantized": len(rel),
+        "bytes_before": sum(p.source_bytes for p in plans if p.out_name == p.name),
+        "bytes_after": sum(p.out_bytes for p in plans),
+        "rel_fro_max": max(rel, default=0.0), "rel_fro_mean": sum(rel) / len(rel) if rel else 0.0,
+        "max_row_rel": max(row, default=0.0),
+    }
+
+
+def build_report(plans, errors):
+    """{definitions, layers: [...], total, tensors: {name: ...}} from the plans and their WeightErrors."""
+    groups = {}
+    for p in plans:
+        groups.setdefault(p.group, []).append(p)
+    order = sorted((g for g in groups if g != "other"), key=int) + (["other"] if "other" in groups else [])
+    layers = [{"layer": g, **_summary(groups[g], errors)} for g in order]
+    tensors = {p.out_name: {"source": p.name, "shape": list(p.shape), "source_dtype": p.dtype,
+                            "rel_fro": errors[p.out_name].rel_fro, "max_row_rel": errors[p.out_name].max_row_rel}
+               for p in plans if p.quantize}
+    return {"definitions": DEFINITIONS, "layers": layers, "total": _summary(plans, errors), "tensors": tensors}
+
+
+def prompt_ids(folder, vocab_size):
+    """Token ids of the fixed prompts with the folder's tokenizer (fixed ids when it has none)."""
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer_files(folder)  # raises when the folder has none (AutoTokenizer would build an empty one)
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+        source = "tokenizer"
+    except Exception:  # no or unreadable tokenizer: the check still runs on fixed ids
+        ids = [[(7919 * (i + 1) + 104729 * j) % vocab_size for j in range(12)] for i in range(len(PROMPTS))]
+        source = "fixed ids"
+    return [[t for t in seq if t < vocab_size] or [0] for seq in ids], source
+
+
+def _logits(model, prompts):
+    import torch
+
+    with torch.no_grad():
+        out = [model(torch.tensor([ids]), iter_num=0, use_cache=False).logits[0] for ids in prompts]  # (S, V)
+    return torch.cat(out, dim=0)  # (positions, V)
+
+
+def compare_logits(ref, got):
+    """max_abs_diff, top1_agreement, mean_kl, cosine of two (positions, V) fp32 logit tensors."""
+    import torch
+    import torch.nn.functional as F
+
+    log_p, log_q = F.log_softmax(ref, dim=-1), F.log_softmax(got, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (positions,)
+    cos = F.cosine_similarity(ref, got, dim=-1)
+    return {"positions": ref.shape[0], "max_abs_diff": float((ref - got).abs().max()),
+            "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+            "mean_kl": float(kl.mean()), "min_cosine": float(cos.min()),
+            "exact": bool(torch.equal(ref, got))}
+
+
+def evaluate(model_folder, quant_folder, bits, include_lm_head):
+    """Original vs quantized folder on the fixed prompts, one fp32 model in memory at a time."""
+    from .modeling import load_model
+
+    model = load_model(model_folder, "fp32", insert_slice=False)
+    prompts, source = prompt_ids(model_folder, model.config.vocab_size)
+    original = _logits(model, prompts)
+    model.quantize(bits, include_lm_head=include_lm_head)
+    in_memory = _logits(model, prompts)
+    del model
+    gc.collect()
+    quantized_model = load_model(quant_folder, "fp32", insert_slice=False)
+    quantized = _logits(quantized_model, prompts)
+    del quantized_model
+    gc.collect()
+    result = compare_logits(original, quantized)
+    result.pop("exact")
+    result.update(prompts=len(prompts), prompt_source=source,
+                  bit_identical_to_in_memory=compare_logits(in_memory, quantized)["exact"])
+    if not result["bit_identical_to_in_memory"]:
+        diff = float((in_memory - quantized).abs().max())
+        raise ValidationError(f"{quant_folder}: logits of the quantized folder differ from the in-memory "
+                              f"quantize({bits}) by up to {diff:.3g} (expected bit-identical; please report it)")
+    return result
+
+
+def _mb(n):
+    return f"{n / 1e6:,.1f}"
+
+
+def format_table(report):
+    """The report as a plain-text table (one row per layer, then other tensors, then the total)."""
+    head = f"{'layer':>6} {'tensors':>7} {'MB before':>10} {'MB after':>9} {'ratio':>6} " \
+           f"{'rel_fro max':>11} {'rel_fro mean':>12} {'max_row_rel':>11}"
+    lines = [head, "-" * len(head)]
+    for row in report["layers"] + [{"layer": "total", **report["total"]}]:
+        ratio = row["bytes_after"] / row["bytes_before"] if row["bytes_before"] else 0.0
+        lines.append(f"{row['layer']:>6} {row['tensors']:>7} {_mb(row['bytes_before']):>10} "
+                     f"{_mb(row['bytes_after']):>9} {ratio:>6.3f} {row['rel_fro_max']:>11.3e} "
+                     f"{row['rel_fro_mean']:>12.3e} {row['max_row_rel']:>11.3e}")
+    e2e = report.get("end_to_end") or {}
+    if "skipped" in e2e:
+        lines.append(f"end to end: skipped ({e2e['skipped']})")
+    elif e2e:
+        lines.append(f"end to end ({e2e['prompts']} prompts, {e2e['positions']} positions, fp32): "
+                     f"max |dlogit| {e2e['max_abs_diff']:.4g}, top-1 agreement {e2e['top1_agreement']:.1%}, "
+                     f"mean KL {e2e['mean_kl']:.3g} nats, min cosine {e2e['min_cosine']:.6f}, "
+                     f"bit-identical to in-memory quantize: {'yes' if e2e['bit_identical_to_in_memory'] else 'no'}")
+    return "\n".join(lines)

@@ -1,0 +1,163 @@
+"""One small interface for running a model step by step, and the backends behind it.
+
+A backend computes two steps on NumPy int64 inputs:
+- `prefill(input_ids (B, S), attention_mask (B, S), position_ids (B, S)) -> (logits (B, V) float32, kv)`,
+  the logits of the last position only;
+- `decode(token_ids (B, 1), attention_mask (B, P+1), position_ids (B, 1), kv) -> (logits (B, V), kv)`.
+`kv` is opaque to the caller (torch tensors, ONNX Runtime OrtValues...): it is only passed back.
+
+Backends: `onnxruntime` (an export bundle, CPU), `torch` (our model from the source folder: the reference)
+and `vacc` (the vendor's `vaststreamx`, loaded lazily; untested without hardware). `BACKENDS` maps each name
+to a factory `f(bundle, **options) -> Backend`.
+"""
+import logging
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+
+def physical_cores():
+    import psutil
+
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+class Backend:
+    """Base class: metadata shared by every backend, and the two steps each one implements."""
+
+    name = "base"
+
+    def __init__(self, bundle):
+        self.bundle = bundle
+        self.vocab_size = bundle.vocab_size
+        self.buckets = bundle.buckets  # fixed prefill lengths or None
+        self.max_positions = bundle.spec.max_positions
+
+    def prefill(self, input_ids, attention_mask, position_ids):
+        raise NotImplementedError
+
+    def decode(self, token_ids, attention_mask, position_ids, kv):
+        raise NotImplementedError
+
+    def describe(self):
+        return {"backend": self.name, "folder": str(self.bundle.folder), "dtype": self.bundle.dtype}
+
+    def bucket_for(self, length):
+        """The prefill length to pad a prompt of `length` tokens to (itself when the graphs are dynamic)."""
+        if not self.buckets:
+            return length
+        for bucket in self.buckets:
+            if length <= bucket:
+                return bucket
+        raise InputError(f"the prompt has {length} tokens but the largest sequence bucket of "
+                         f"{self.bundle.folder} is {self.buckets[-1]} (shorten the prompt or export with "
+                         f"--seq-len {max(length, self.buckets[-1])})")
+
+
+class TorchBackend(Backend):
+    """Our patched Qwen2 (skywork_deploy.modeling.load_model) in eager PyTorch: the reference backend.
+
+    For an int8 bundle exported from a float folder, the weights are quantized per channel (W8A16) as the
+    exporter did, so the torch backend computes the same arithmetic as the graphs.
+    """
+
+    name = "torch"
+
+    def __init__(self, bundle, threads=None, **_):
+        super().__init__(bundle)
+        import torch
+
+        from ..modeling import load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
+        folder = bundle.source_model()
+        dtype = {"fp16": "fp16", "bf16": "bf16"}.get(bundle.dtype, "fp32")
+        self.model = load_model(folder, dtype=dtype, insert_slice=True)
+        if bundle.dtype == "int8" and not getattr(self.model.config, "vacc_quantization", None):
+            self.model.quantize(8)
+        self.source = folder
+        self._torch = torch
+
+    def prefill(self, input_ids, attention_mask, position_ids):
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
+                             position_ids=torch.from_numpy(position_ids), iter_num=0)
+        return out.logits[:, -1, :].float().numpy(), out.past_key_values
+
+    def decode(self, token_ids, attention_mask, position_ids, kv):
+        torch = self._torch
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(token_ids), attention_mask=torch.from_numpy(attention_mask),
+                             position_ids=torch.from_numpy(position_ids), past_key_values=kv, iter_num=1)
+        return out.logits[:, -1, :].float().numpy(), out.past_key_values
+
+    def describe(self):
+        return {**super().describe(), "source_model": str(self.source), "threads": self.threads}
+
+
+class VaccBackend(Backend):
+    """VastAI accelerators through `vaststreamx` (REFERENCE.md §3: `vsx.set_device(id)`,
+    `vsx.Model(path_prefix, batch_size)`).
+
+    Thin and UNTESTED without hardware: it loads the compiled model of a `compile` output; the per-step
+    call is left to `_run`, which needs the vendor's stream API and says so when it is not wired.
+    """
+
+    name = "vacc"
+
+    def __init__(self, bundle, device=0, batch_size=1, model_prefix=None, **_):
+        super().__init__(bundle)
+        try:
+            import vaststreamx as vsx
+        except ImportError:
+            raise BackendUnavailableError(
+                "the vacc backend needs the vendor's `vaststreamx` package (shipped with the VastAI driver, "
+                "not on PyPI); use --backend onnxruntime on machines without a VACC card") from None
+        prefix = model_prefix or str(bundle.folder / "vacc_deploy" / bundle.folder.name)
+        vsx.set_device(int(device))
+        self.vsx = vsx
+        self.model = vsx.Model(prefix, int(batch_size))
+
+    def _run(self, *arrays):
+        raise BackendUnavailableError("running steps through vaststreamx is not wired in this version "
+                                      "(untested without hardware); serve the compiled model with "
+                                      "`vastgenx serve --model DIR` instead")
+
+    def prefill(self, input_ids, attention_mask, position_ids):
+        return self._run(input_ids, attention_mask, position_ids)
+
+    def decode(self, token_ids, attention_mask, position_ids, kv):
+        return self._run(token_ids, attention_mask, position_ids, kv)
+
+
+def _onnxruntime_backend(bundle, **options):
+    from .ort_backend import OrtBackend
+
+    return OrtBackend(bundle, **options)
+
+
+BACKENDS = {
+    "onnxruntime": _onnxruntime_backend,
+    "torch": TorchBackend,
+    "vacc": VaccBackend,
+}
+
+
+def make_backend(name, bundle, **options):
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
+    return BACKENDS[name](bundle, **options)
+
+
+def last_logits(logits):
+    """(B, 1, V) or (B, V) logits of any float dtype -> (B, V) float32."""
+    logits = np.asarray(logits)
+    if logits.ndim == 3:
+        logits = logits[:, -1, :]
+    return logits.astype(np.float32, copy=False)

@@ -1,0 +1,143 @@
+"""What `run` and `bench` read: an export bundle (graphs, config, tokenizer, manifest) or a model folder.
+
+`open_bundle(path)` accepts
+- an `export` output folder (manifest stage "export", `prefill.onnx` and `decode.onnx`);
+- a `build` folder: the first sub-folder (depth 1 or 2) holding an export manifest;
+- a model folder (config.json + safetensors), usable by the torch backend only.
+"""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ModelFormatError
+from ..manifest import MANIFEST_NAME, read_manifest
+from ..spec import ModelSpec, read_config, read_json
+
+GRAPHS = ("prefill", "decode")
+# Keys an export manifest may use for the folder it was exported from (first present wins).
+SOURCE_KEYS = ("source_model", "source", "model", "model_folder", "input")
+
+
+@dataclass
+class Bundle:
+    folder: Path
+    kind: str  # "export" or "model"
+    config: dict
+    spec: ModelSpec
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def dtype(self):
+        return self.manifest.get("dtype", "fp32")
+
+    @property
+    def buckets(self):
+        """Fixed prefill lengths (sorted) or None when the graphs take any length."""
+        lens = self.manifest.get("seq_lens")
+        return sorted(int(x) for x in lens) if lens else None
+
+    @property
+    def vocab_size(self):
+        return int(self.manifest.get("vocab_size") or self.spec.vocab_size)
+
+    def graph_path(self, name):
+        """Path of the prefill or decode graph; a clear error when the bundle has none."""
+        if self.kind != "export":
+            raise ModelFormatError(f"{self.folder}: a model folder, not an export bundle: it has no ONNX graphs "
+                                   "(run `skywork-deploy export` on it, or use --backend torch)")
+        info = (self.manifest.get("graphs") or {}).get(name) or {}
+        path = self.folder / info.get("file", f"{name}.onnx")
+        if not path.is_file():
+            raise ModelFormatError(f"{path}: the {name} graph is missing from the bundle "
+                                   f"(re-run `skywork-deploy export` into {self.folder})")
+        return path
+
+    def source_model(self):
+        """The model folder the torch backend loads: the folder itself, or the one the manifest records."""
+        if self.kind == "model":
+            return self.folder
+        for key in SOURCE_KEYS:
+            value = self.manifest.get(key)
+            if isinstance(value, dict):  # {"path": ..., "sha256": ...} style entries
+                value = value.get("path") or value.get("folder")
+            if isinstance(value, str) and (Path(value) / "config.json").is_file():
+                return Path(value)
+        raise ModelFormatError(f"{self.folder / MANIFEST_NAME}: the source model folder it records is missing; "
+                               "the torch backend needs the model weights (pass the model folder as BUNDLE)")
+
+    def eos_ids(self, tokenizer=None):
+        """Every end-of-sequence id: generation_config.json, config.json and the tokenizer's EOS."""
+        ids = set()
+        gen = self.folder / "generation_config.json"
+        sources = [self.config]
+        if gen.is_file():
+            sources.insert(0, read_json(gen))
+        for src in sources:
+            value = src.get("eos_token_id")
+            ids.update(value if isinstance(value, list) else ([] if value is None else [value]))
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            ids.add(tokenizer.eos_token_id)
+        return sorted(int(i) for i in ids)
+
+    def pad_id(self, tokenizer=None):
+        if tokenizer is not None and tokenizer.pad_token_id is not None:
+            return int(tokenizer.pad_token_id)
+        eos = self.eos_ids(tokenizer)
+        return eos[0] if eos else 0
+
+
+def _find_export(folder):
+    for depth in ("*", "*/*"):
+        for cand in sorted(folder.glob(f"{depth}/{MANIFEST_NAME}")):
+            data = read_manifest(cand)
+            if data and data.get("stage") == "export":
+                return cand.parent, data
+    return None, None
+
+
+def open_bundle(path):
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ModelFormatError(f"{folder}: not a folder (pass an export bundle, a build folder or a model folder)")
+    manifest = read_manifest(folder)
+    if manifest is not None and manifest.get("stage") != "export":
+        sub, sub_manifest = _find_export(folder)
+        if sub is not None:
+            folder, manifest = sub, sub_manifest
+        elif not (folder / "config.json").is_file():
+            raise ModelFormatError(f"{folder}: a {manifest.get('stage')!r} output, not an export bundle "
+                                   "(run `skywork-deploy export` first)")
+        else:
+            manifest = None
+    elif manifest is None and not (folder / "config.json").is_file():
+        sub, manifest = _find_export(folder)
+        if sub is None:
+            raise ModelFormatError(f"{folder}: no config.json and no export bundle inside "
+                                   "(pass the output folder of `skywork-deploy export`)")
+        folder = sub
+    config = read_config(folder)
+    spec = ModelSpec.from_config(config, name=folder.resolve().name, where=str(folder / "config.json"))
+    if manifest is not None:
+        bundle = Bundle(folder, "export", config, spec, manifest)
+        for name in GRAPHS:
+            bundle.graph_path(name)
+        return bundle
+    return Bundle(folder, "model", config, spec, {})
+
+
+def load_tokenizer(bundle):
+    """AutoTokenizer from the bundle folder, checked against the model's vocabulary."""
+    from transformers import AutoTokenizer
+
+    from ..spec import tokenizer_files
+
+    tokenizer_files(bundle.folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(bundle.folder))
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"{bundle.folder}: cannot load the tokenizer ({exc})") from None
+    if len(tok) > bundle.vocab_size:
+        raise ModelFormatError(f"{bundle.folder}: the tokenizer has {len(tok)} tokens but the model's vocabulary "
+                               f"has {bundle.vocab_size} rows (tokenizer files from another model? copy the "
+                               "model's own tokenizer files into the bundle)")
+    return tok

@@ -1,0 +1,115 @@
+"""The ONNX Runtime backend: the export bundle's prefill and decode graphs on CPU.
+
+Decoding keeps the KV cache inside ONNX Runtime: with IOBinding (the default) every `present.*` output stays
+an OrtValue allocated by ONNX Runtime and is bound as the next step's `past_key_values.*` input, so the cache
+never goes through NumPy. `io_binding=False` is the plain `session.run` loop, kept to measure the difference.
+
+int8 bundles in the standard format (DequantizeLinear + MatMul) are fused by ONNX Runtime into MatMulNBits.
+`int8_accuracy` chooses how they run:
+- "exact" (default): the vendor's W8A16 arithmetic, fp32 activations. `session.disable_quant_qdq=1` keeps
+  ONNX Runtime from fusing and folds each DequantizeLinear into an fp32 weight at load time (fp32 speed and
+  memory); the alternative `session.qdq_matmulnbits_accuracy_level=0` is also exact but far slower here
+  (see benchmarks/results/runtime.json), so it is only reachable as `int8_accuracy="exact-nbits"`.
+- "fast": MatMulNBits with accuracy level 4: activations quantized to int8 on the fly; faster, not exact.
+"""
+import logging
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, ModelFormatError
+from .backends import Backend, last_logits, physical_cores
+
+log = logging.getLogger(__name__)
+PREFILL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+INT8_ACCURACY = {
+    "exact": {"session.disable_quant_qdq": "1"},
+    "exact-nbits": {"session.qdq_matmulnbits_accuracy_level": "0"},
+    "fast": {"session.qdq_matmulnbits_accuracy_level": "4"},
+}
+NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, bundle, threads=None, io_binding=True, int8_accuracy="exact", **_):
+        super().__init__(bundle)
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendUnavailableError("onnxruntime is not installed (pip install onnxruntime)") from None
+        if bundle.manifest.get("runnable_on_onnxruntime") is False:
+            raise ModelFormatError(
+                f"{bundle.folder}: this bundle uses the vendor's custom op (int8_format "
+                f"{bundle.manifest.get('int8_format')!r}), which ONNX Runtime cannot run (re-export with "
+                "--int8-format standard, or use --backend vacc)")
+        if int8_accuracy not in INT8_ACCURACY:
+            raise ModelFormatError(f"int8 accuracy {int8_accuracy!r} is unknown (choose exact or fast)")
+        self.threads = int(threads or physical_cores())
+        self.io_binding = bool(io_binding)
+        self.int8_accuracy = int8_accuracy if bundle.dtype == "int8" else None
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        for key, value in INT8_ACCURACY.get(self.int8_accuracy, {}).items():
+            opts.add_session_config_entry(key, value)
+        self.sessions = {}
+        for graph in ("prefill", "decode"):
+            path = bundle.graph_path(graph)
+            try:
+                self.sessions[graph] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile...)
+                raise ModelFormatError(f"{path}: ONNX Runtime cannot load the graph "
+                                       f"({str(exc).splitlines()[0][:300]})") from None
+        self._check_io()
+
+    def _check_io(self):
+        layers = self.bundle.manifest.get("num_layers") or self.bundle.spec.num_layers
+        self.present = [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+        self.past = [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
+        expect = {"prefill": (list(PREFILL_INPUTS), ["logits", *self.present]),
+                  "decode": (list(PREFILL_INPUTS) + self.past, ["logits", *self.present])}
+        for graph, (inputs, outputs) in expect.items():
+            sess = self.sessions[graph]
+            have_in = [i.name for i in sess.get_inputs()]
+            have_out = [o.name for o in sess.get_outputs()]
+            missing = [n for n in inputs if n not in have_in] + [n for n in outputs if n not in have_out]
+            if missing:
+                raise ModelFormatError(f"{self.bundle.graph_path(graph)}: missing graph input/output "
+                                       f"{missing[0]!r} ({len(missing)} missing; re-export the bundle)")
+        past_input = {i.name: i for i in self.sessions["decode"].get_inputs()}[self.past[0]]
+        self.kv_dtype = NP_TYPES.get(past_input.type, np.float32)
+
+    def describe(self):
+        return {**super().describe(), "threads": self.threads, "io_binding": self.io_binding,
+                "int8_accuracy": self.int8_accuracy}
+
+    # -- steps ---------------------------------------------------------------------------------------------
+    def prefill(self, input_ids, attention_mask, position_ids):
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        return self._step("prefill", feeds, ())
+
+    def decode(self, token_ids, attention_mask, position_ids, kv):
+        feeds = {"input_ids": token_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        return self._step("decode", feeds, kv)
+
+    def _step(self, graph, feeds, kv):
+        sess = self.sessions[graph]
+        feeds = {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in feeds.items()}
+        if not self.io_binding:
+            feeds.update(zip(self.past, kv))
+            outs = sess.run(None, feeds)
+            return last_logits(outs[0]), outs[1:]
+        io = sess.io_binding()
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
+        for name, value in zip(self.past, kv):
+            io.bind_ortvalue_input(name, value)
+        for name in ("logits", *self.present):
+            io.bind_output(name, "cpu")
+        sess.run_with_iobinding(io)
+        outs = io.get_outputs()
+        return last_logits(outs[0].numpy()), list(outs[1:])

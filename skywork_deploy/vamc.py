@@ -1,0 +1,229 @@
+"""Stage 5, compile (driver half): find `vamc`, run `vamc compile CONFIG.yaml`, check what it wrote.
+
+The command is a list (no shell), logged with `shlex.join`; the compiler runs in its own process group so a
+timeout or Ctrl-C ends it and everything it started. Its output goes to the terminal and to
+`<workspace>/<name>.compile.log`. After a zero exit, `<workspace>/<name>/` must exist and hold files written
+by this run. That output layout is our assumption: the real vamc's was not available to verify.
+"""
+import collections
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from .compile_config import plan_compile, raise_problems
+from .errors import ConfigError, ExternalToolError, InputError
+from .fsutil import sha256_file, write_text
+from .manifest import write_manifest
+
+log = logging.getLogger(__name__)
+ENV_VAR = "SKYWORK_DEPLOY_VAMC"
+TAIL_LINES = 20
+KILL_GRACE_SECONDS = 5.0
+
+
+def find_vamc(explicit=None, environ=None):
+    """The compiler's path: `explicit` (--vamc), else $SKYWORK_DEPLOY_VAMC, else `vamc` on PATH."""
+    environ = os.environ if environ is None else environ
+    for source, value in (("--vamc", explicit), (ENV_VAR, environ.get(ENV_VAR))):
+        if value:
+            found = shutil.which(value, path=environ.get("PATH"))
+            if found is None:
+                raise ExternalToolError(f"vamc: {source} {value} is not an executable file "
+                                        "(fix the path or make it executable)")
+            return str(Path(found).absolute())
+    found = shutil.which("vamc", path=environ.get("PATH"))
+    if found is None:
+        raise ExternalToolError(
+            f"vamc not found: --vamc not given, {ENV_VAR} not set, no `vamc` in PATH "
+            f"({environ.get('PATH', '')}); install VastAI's compiler toolchain or pass --vamc PATH")
+    return str(Path(found).absolute())
+
+
+def vamc_command(vamc, config_path):
+    return [str(vamc), "compile", str(config_path)]
+
+
+def _read_config(config_path):
+    try:
+        data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+        name, workspace = data["name"], data["workspace"]["path"]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{config_path}: not a vamc config with name and workspace.path ({exc})") from None
+    if not (isinstance(name, str) and isinstance(workspace, str)):
+        raise ConfigError(f"{config_path}: name and workspace.path must be strings")
+    return name, workspace
+
+
+def _pump(stream, sinks, tail):
+    for line in stream:
+        tail.append(line.rstrip("\n"))
+        for sink in sinks:
+            sink.write(line)
+            sink.flush()
+
+
+def _stop(proc):
+    """SIGTERM the compiler's process group, SIGKILL it after a grace period."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(KILL_GRACE_SECONDS)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait(proc, reader, timeout, log_file):
+    """The compiler's exit code; on timeout or Ctrl-C its whole process group is stopped first."""
+    try:
+        returncode = proc.wait(timeout=timeout)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt) as exc:
+        _stop(proc)
+        reader.join(KILL_GRACE_SECONDS)
+        log_file.write(f"# {'timed out' if isinstance(exc, subprocess.TimeoutExpired) else 'interrupted'}: "
+                       "the compiler was stopped\n")
+        raise
+    reader.join(KILL_GRACE_SECONDS)
+    if reader.is_alive():  # something vamc started still holds the pipe: end its group
+        _stop(proc)
+        reader.join(KILL_GRACE_SECONDS)
+    return returncode
+
+
+def _tail_text(tail, log_path):
+    lines = "\n".join(f"    {line}" for line in tail) or "    (no output)"
+    return f"log {log_path}, last {len(tail)} line(s):\n{lines}"
+
+
+def run_vamc(config_path, vamc=None, timeout=None, env=None, cwd=None, echo=None):
+    """Run `vamc compile config_path`; returns a result dict. Raises ExternalToolError on any failure.
+
+    `env`: extra variables (e.g. VACC_STACK_SIZE); `cwd`: where vamc runs (relative workspaces resolve
+    there; default the current folder); `echo`: a text stream that also receives the output (None: none).
+    """
+    cwd = Path(cwd or Path.cwd())
+    config_path = Path(config_path).absolute()
+    name, workspace = _read_config(config_path)
+    workspace = cwd / workspace
+    out_dir = workspace / name
+    command = vamc_command(find_vamc(vamc), config_path)
+    workspace.mkdir(parents=True, exist_ok=True)
+    log_path = workspace / f"{name}.compile.log"
+    extra = dict(env or {})
+    line = shlex.join([f"{k}={v}" for k, v in sorted(extra.items())] + command)
+    log.info("running: %s", line)
+    if echo is not None:
+        echo.write(f"$ {line}\n")
+    start_wall, start = time.time(), time.monotonic()
+    with open(log_path, "w", encoding="utf-8") as log_file:
+        log_file.write(f"# command: {line}\n# cwd: {cwd}\n")
+        log_file.flush()
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=cwd, env={**os.environ, **extra},
+                                start_new_session=True, text=True, errors="replace", bufsize=1)
+        tail = collections.deque(maxlen=TAIL_LINES)
+        reader = threading.Thread(target=_pump, args=(proc.stdout, [log_file] + ([echo] if echo else []), tail),
+                                  daemon=True)
+        reader.start()
+        try:
+            returncode = _wait(proc, reader, timeout, log_file)
+        except subprocess.TimeoutExpired:
+            raise ExternalToolError(f"vamc timed out after {timeout:g} s and was stopped: {line}; "
+                                    f"raise --timeout if the model needs longer; {_tail_text(tail, log_path)}")
+        finally:
+            proc.stdout.close()
+    seconds = round(time.monotonic() - start, 3)
+    if returncode != 0:
+        raise ExternalToolError(f"vamc failed with exit code {returncode}: {line}; {_tail_text(tail, log_path)}")
+    outputs = _new_outputs(out_dir, start_wall)
+    return {"command": command, "command_line": line, "returncode": returncode, "log": str(log_path),
+            "output_dir": str(out_dir), "outputs": outputs, "seconds": seconds}
+
+
+def _new_outputs(out_dir, since):
+    """{relative file: size} in the expected output folder; error if absent, empty or not from this run."""
+    if not out_dir.is_dir():
+        raise ExternalToolError(f"vamc exited 0 but did not create {out_dir} (the expected output folder "
+                                "<workspace.path>/<name>; check the log)")
+    files = sorted(p for p in out_dir.rglob("*") if p.is_file())
+    if not files:
+        raise ExternalToolError(f"vamc exited 0 but {out_dir} is empty (check the log)")
+    if max(p.stat().st_mtime for p in files) < since - 1:
+        raise ExternalToolError(f"vamc exited 0 but wrote nothing new in {out_dir} (its files predate this "
+                                "run; check the log)")
+    return {str(p.relative_to(out_dir)): p.stat().st_size for p in files}
+
+
+def write_config(path, text):
+    """Write the YAML atomically. An existing different file is kept as FILE.bak (or FILE.bak.N)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder (give a file name for --config-out)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    backup = None
+    if path.exists():
+        if path.read_bytes() == text.encode("utf-8"):
+            return {"path": str(path), "written": False, "backup": None}
+        backup = path.with_name(path.name + ".bak")
+        n = 1
+        while backup.exists():
+            backup, n = path.with_name(f"{path.name}.bak.{n}"), n + 1
+        shutil.copy2(path, backup)
+        backup = str(backup)
+    write_text(path, text)
+    return {"path": str(path), "written": True, "backup": backup}
+
+
+def compile_model(model_folder, settings, vamc=None, timeout=None, dry_run=False, config_out=None, cwd=None,
+                  echo=None):
+    """Check, write the config, and (unless dry_run) run vamc. Raises ConfigError listing every problem.
+
+    The config goes to `config_out`, else `<workspace>/<name>.yaml`. Returns a result dict; a real run also
+    writes `<workspace>/<name>.manifest.json`.
+    """
+    plan = plan_compile(model_folder, settings)
+    raise_problems(plan.problems, f"the compile config for {plan.checkpoint}")
+    cwd = Path(cwd or Path.cwd())
+    workspace = cwd / plan.workspace
+    config_path = Path(config_out) if config_out else workspace / f"{plan.name}.yaml"
+    result = {"name": plan.name, "model": str(plan.checkpoint), "settings": settings.to_dict(),
+              "config_path": str(config_path), "yaml": plan.yaml_text, "env": plan.env,
+              "num_parameters": plan.spec.num_parameters, "dry_run": dry_run, "config_written": None}
+    if dry_run:
+        try:
+            found, missing = find_vamc(vamc), None
+        except ExternalToolError as exc:
+            found, missing = "vamc", str(exc)
+        if config_out:
+            result["config_written"] = write_config(config_path, plan.yaml_text)
+        command = vamc_command(found, config_path)
+        result.update(command=command, vamc_missing=missing,
+                      command_line=shlex.join([f"{k}={v}" for k, v in sorted(plan.env.items())] + command))
+        return result
+    find_vamc(vamc)  # fail before writing anything when there is no compiler
+    result["config_written"] = write_config(config_path, plan.yaml_text)
+    run = run_vamc(config_path, vamc=vamc, timeout=timeout, env=plan.env, cwd=cwd, echo=echo)
+    result.update(run)
+    write_manifest(workspace, "compile", name=f"{plan.name}.manifest.json", model=str(plan.checkpoint),
+                   settings=settings.to_dict(), config={"path": str(config_path),
+                                                        "sha256": sha256_file(config_path)},
+                   env=plan.env, command=run["command"], seconds=run["seconds"], log=run["log"],
+                   output_dir=run["output_dir"], outputs=run["outputs"])
+    return result
+
+
+def default_echo(as_json):
+    """Where the compiler's output is shown: stderr when stdout carries JSON."""
+    return sys.stderr if as_json else sys.stdout
