@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 version = {}
@@ -14,8 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # The owner's top-level folders are shipped inside the package, so a regular wheel carries them.
-    packages=[
-        "skywork_deploy", "skywork_deploy.cli",
+    packages=find_packages(include=["skywork_deploy", "skywork_deploy.*"]) + [
         "skywork_deploy.source_code", "skywork_deploy.build_in", "skywork_deploy.calibration",
     ],
     package_dir={

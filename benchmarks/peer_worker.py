@@ -1,9 +1,10 @@
 """Timing and logits worker, run by benchmarks/peers.py inside a peer's own virtual environment.
 
-Standalone on purpose (no skywork_deploy import): the same file runs under the main environment
-(transformers eager), the `optimum` venv (ORTModelForCausalLM) and the `genai` venv (onnxruntime-genai).
+Standalone on purpose (skywork_deploy is imported only by the `ours` backend): the same file runs under the
+main environment (transformers eager; our bundle on ONNX Runtime), the `optimum` venv (ORTModelForCausalLM)
+and the `genai` venv (onnxruntime-genai).
 
-    python peer_worker.py --backend hf|optimum|genai --model DIR [--logits-out FILE.npy] ...
+    python peer_worker.py --backend hf|ours|optimum|genai --model DIR [--logits-out FILE.npy] ...
 
 Prompts are token ids drawn from a seeded generator, identical for every backend. Per prompt length:
 prefill ms = time until the first new token exists; decode tok/s = (new_tokens - 1) / time of the
@@ -62,9 +63,13 @@ def load_hf(folder, threads):
 
 def load_optimum(folder, threads):
     import onnxruntime as ort
+    import torch
     import transformers
     from optimum.onnxruntime import ORTModelForCausalLM
 
+    # ONNX Runtime does the compute with its own `threads`; torch only glues generate() together, and a
+    # second pool of spinning threads on the same cores would slow ORT down.
+    torch.set_num_threads(1)
     transformers.logging.set_verbosity_error()
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -134,7 +139,49 @@ def genai_logits(model, ids):
     return logits.reshape(-1, logits.shape[-1])  # (S, V) or (1, V) when the graph keeps the last row only
 
 
+# ---- ours: an exported bundle on skywork_deploy's ONNX Runtime backend (main environment only) ----
+
+def load_ours(folder, threads, int8_accuracy="exact"):
+    from skywork_deploy.runtime.backends import make_backend
+    from skywork_deploy.runtime.bundle import open_bundle
+
+    return make_backend("onnxruntime", open_bundle(folder), threads=threads, int8_accuracy=int8_accuracy)
+
+
+def _ours_step(engine, token, mask, kv):
+    mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
+    logits, kv = engine.decode(np.array([[token]], dtype=np.int64), mask, mask.sum(-1, keepdims=True) - 1, kv)
+    return logits, mask, kv
+
+
+def ours_generate(engine, ids, new_tokens):
+    x = ids[None].astype(np.int64)
+    mask = np.ones_like(x)
+    t0 = time.perf_counter()
+    logits, kv = engine.prefill(x, mask, np.arange(len(ids), dtype=np.int64)[None])
+    token = int(np.asarray(logits).reshape(-1, np.asarray(logits).shape[-1])[-1].argmax())
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        logits, mask, kv = _ours_step(engine, token, mask, kv)
+        token = int(np.asarray(logits).reshape(-1, np.asarray(logits).shape[-1])[-1].argmax())
+    t2 = time.perf_counter()
+    return (t1 - t0) * 1e3, (new_tokens - 1) / (t2 - t1), new_tokens
+
+
+def ours_logits(engine, ids):
+    """Logits at every prompt position, teacher-forced (our prefill graph returns the last row only)."""
+    x = ids[None, :1].astype(np.int64)
+    mask = np.ones_like(x)
+    logits, kv = engine.prefill(x, mask, np.zeros((1, 1), dtype=np.int64))
+    rows = [np.asarray(logits, dtype=np.float32).reshape(-1, np.asarray(logits).shape[-1])[-1]]
+    for tok in ids[1:]:
+        logits, mask, kv = _ours_step(engine, int(tok), mask, kv)
+        rows.append(np.asarray(logits, dtype=np.float32).reshape(-1, np.asarray(logits).shape[-1])[-1])
+    return np.stack(rows)
+
+
 BACKENDS = {
+    "ours": (load_ours, ours_generate, ours_logits),
     "hf": (load_hf, _timed_generate, torch_logits),
     "optimum": (load_optimum, _timed_generate, torch_logits),
     "genai": (load_genai, genai_generate, genai_logits),
@@ -152,11 +199,13 @@ def main(argv=None):
     ap.add_argument("--logits-out", help="save the logits of the fixed prompt here (.npy)")
     ap.add_argument("--logits-prompt-len", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--int8-accuracy", default="exact", help="ours only: exact or fast")
     args = ap.parse_args(argv)
 
     load, generate, logits = BACKENDS[args.backend]
     t = time.perf_counter()
-    model = load(args.model, args.threads)
+    extra = {"int8_accuracy": args.int8_accuracy} if args.backend == "ours" else {}
+    model = load(args.model, args.threads, **extra)
     result = {"backend": args.backend, "load_s": round(time.perf_counter() - t, 3), "threads": args.threads,
               "new_tokens": args.new_tokens, "repeats": args.repeats, "prefill_ms": {}, "decode_tok_s": {},
               "raw": {}}

@@ -16,7 +16,10 @@ def test_wheel_ships_the_owner_folders_and_they_import(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for f in ("configuration_qwen2_vacc.py", "modeling_qwen2_vacc.py", "quantization_vacc.py"):
         assert f"skywork_deploy/source_code/{f}" in names
-    assert any(n.startswith("skywork_deploy/cli/") for n in names)
+    for sub in ("cli", "calib", "export", "runtime", "pipeline"):
+        assert f"skywork_deploy/{sub}/__init__.py" in names, sub
+    assert "skywork_deploy/calibration/alpaca-sample.json" in names  # the demo's calibration text
+    assert sum(n.startswith("skywork_deploy/build_in/build/") and n.endswith(".yaml") for n in names) == 6
     target = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
                               str(wheel)], capture_output=True, text=True, timeout=300)

@@ -112,6 +112,19 @@ def test_fidelity_fp32_onnxruntime_vs_torch(ort_backend, bundle):
     assert same["top1_agreement"] == 1.0 and abs(same["kl_mean"]) < 1e-12
 
 
+def test_int8_exact_and_fast_against_torch_w8a16(runtime_model, tmp_path):
+    """int8 (standard DQ + MatMul) on ORT: exact follows our torch W8A16 model; fast is close, not equal."""
+    from skywork_deploy.export import export_model
+
+    export_model(runtime_model, tmp_path / "int8", dtype="int8", int8_format="standard")
+    bundle = open_bundle(tmp_path / "int8")
+    reference = make_backend("torch", bundle)  # quantizes the float source per channel, as the exporter did
+    exact = fidelity(make_backend("onnxruntime", bundle, threads=2, int8_accuracy="exact"), reference, 16, 8)
+    assert exact["top1_agreement"] == 1.0 and exact["cosine_min"] > 0.999999 and exact["max_abs_diff"] < 1e-3
+    fast = fidelity(make_backend("onnxruntime", bundle, threads=2, int8_accuracy="fast"), reference, 16, 8)
+    assert 0.99 < fast["cosine_min"] < 1.0 and fast["max_abs_diff"] > exact["max_abs_diff"]
+
+
 def test_seeded_sampling_is_reproducible(ort_backend, bundle, tokenizer, prompt_rows):
     def sample(seed, top_p=0.9):
         return _ours(ort_backend, bundle, tokenizer, prompt_rows, sampler=Sampler(1.0, top_p, seed)).tokens

@@ -74,7 +74,8 @@ def build(model, config_file, dtype, out, demo, calib_dataset, calib_source, nsa
 
 def _print_summary(manifest):
     click.echo(f"\n{'stage':<10} {'status':<8} {'seconds':>8} {'peak RSS':>10}")
-    for name, stage in manifest["stages"].items():
+    for name in manifest["stage_order"]:
+        stage = manifest["stages"][name]
         status = "cached" if stage["skipped"] else "done"
         click.echo(f"{name:<10} {status:<8} {stage['seconds']:>8.1f} {stage['peak_rss_bytes'] / 2**30:>8.2f} GiB")
     for name, v in manifest["validation"].items():

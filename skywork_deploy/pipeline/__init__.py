@@ -33,7 +33,12 @@ def run_build(settings, force=False, echo=None):
     from ..patch import resolve_model
 
     settings.check()
-    build_dir = Path(settings.output or default_output(settings))
+    build_dir = Path(settings.output or default_output(settings)).resolve()
+    settings.output = str(build_dir)
+    if Path(settings.model).expanduser().exists():  # record local paths absolutely: build.yaml works from anywhere
+        settings.model = str(Path(settings.model).expanduser().resolve())
+    if settings.calib.source and Path(settings.calib.source).exists():
+        settings.calib.source = str(Path(settings.calib.source).resolve())
     build_dir.mkdir(parents=True, exist_ok=True)
     write_text(build_dir / "build.yaml", settings.to_yaml())
     model = resolve_model(settings.model, settings.revision)

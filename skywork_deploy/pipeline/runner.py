@@ -162,7 +162,7 @@ def write_build_manifest(build_dir, settings, identity, runner, validation, pass
             skips = skip_suffixes if name == "patch" else ()
             arts.extend(artifacts(folder, build_dir, skips))
     manifest = make_manifest("build", settings=settings.to_dict(), model=identity, versions=library_versions(),
-                             stages=stages, artifacts=arts, validation=validation, passed=passed,
+                             stages=stages, stage_order=[row["stage"] for row in runner.rows], artifacts=arts, validation=validation, passed=passed,
                              host={"machine": platform.machine(), "cpus": os.cpu_count()})
     write_json(Path(build_dir) / "manifest.json", manifest)
     return manifest

@@ -114,8 +114,8 @@ def _compile(cs, dtype, patched, calib_dir, out):
     try:
         find_vamc(cs.vamc)
         dry_run, note = False, None
-    except ExternalToolError as exc:
-        dry_run, note = True, f"vamc not found, so the config was checked and written but not compiled ({exc})"
+    except ExternalToolError:
+        dry_run, note = True, "vamc not found: the config was checked and written (dry run), not compiled"
     result = compile_model(patched, settings, vamc=cs.vamc, timeout=cs.timeout, dry_run=dry_run,
                            config_out=out / "vamc_config.yaml", cwd=out)
     summary = {"dry_run": dry_run, "note": note, "name": result["name"], "config": "compile/vamc_config.yaml",

@@ -15,7 +15,7 @@ from ..spec import ModelSpec, read_config, read_json
 
 GRAPHS = ("prefill", "decode")
 # Keys an export manifest may use for the folder it was exported from (first present wins).
-SOURCE_KEYS = ("source_model", "source", "model", "model_folder", "input")
+SOURCE_KEYS = ("source", "source_model", "model_folder")
 
 
 @dataclass

@@ -1,0 +1,51 @@
+"""`skywork-deploy export`: thin CLI over skywork_deploy.export."""
+import click
+
+from .common import emit_json, handle_errors, json_option, parse_int_list
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to create.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Weights and activations: fp32 (default), fp16, or int8 W8A16 (implied for a quantized folder).")
+@click.option("--int8-format", type=click.Choice(["vacc", "standard"]), default="standard", show_default=True,
+              help="vacc: Vastai::QuantizedLinearPerChannel custom op (for vamc); standard: DequantizeLinear+MatMul "
+                   "(ONNX Runtime).")
+@click.option("--seq-len", "seq_lens", multiple=True, callback=parse_int_list,
+              help="Fixed prefill bucket(s), multiples of 16 (repeat or comma-separate). Default: dynamic axes.")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT folder.")
+@json_option
+@handle_errors
+def export(model, out, dtype, int8_format, seq_lens, no_simplify, overwrite, as_json):
+    """Export the prefill and decode ONNX graphs of MODEL and validate them against the torch reference.
+
+    MODEL is a plain Qwen2 folder (patched on the fly in a temporary copy), a patched folder, or a folder
+    written by `skywork-deploy quantize` (then --dtype int8 is implied). The graphs are traced without
+    weights; the weights are streamed from the shards into one external data file shared by both graphs.
+    ONNX Runtime is checked against the reference on a left-padded batch and 8 chained decode steps; the
+    table is written to OUT/validation.json. On a mismatch OUT is not created and the bundle is kept in
+    OUT.failed for inspection.
+
+    \b
+    Examples:
+      skywork-deploy export ./or1-7b-vacc -o ./or1-7b-onnx
+      skywork-deploy export ./or1-7b-vacc -o ./or1-7b-fp16 --dtype fp16 --seq-len 1024,2048
+      skywork-deploy export ./or1-7b-int8 -o ./or1-7b-int8-onnx --int8-format vacc
+    """
+    from ..export import export_model
+
+    result = export_model(model, out, dtype=dtype, int8_format=int8_format, seq_lens=seq_lens,
+                          simplify=not no_simplify, overwrite=overwrite)
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(result["validation"]["table"])
+    for kind, info in result["simplify"].items():
+        if info.get("message"):
+            click.echo(f"note: {info['message']}")
+    nodes = ", ".join(f"{k} {v}" for k, v in result["nodes"].items())
+    click.echo(f"Exported {result['dtype']}{'/' + result['int8_format'] if result['int8_format'] else ''} to "
+               f"{result['out']} in {result['seconds']:.1f} s (nodes: {nodes}; weights "
+               f"{result['weight_bytes'] / 2**20:.1f} MiB; peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB).")

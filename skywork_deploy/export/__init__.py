@@ -1,0 +1,249 @@
+"""Stage 4, export: prefill and decode ONNX graphs, simplified, with streamed weights, validated.
+
+    folder ─► skeleton (no weights) ─► trace prefill / decode (params as graph inputs)
+           ─► [int8: vacc custom op, or standard DQ+MatMul] ─► fold weight transposes ─► onnxsim
+           ─► stream initializers from the shards into model.onnx.data (shared by both graphs)
+           ─► ONNX Runtime vs torch reference ─► manifest
+
+The bundle layout is the contract in CONTRACT_EXPORT.md. Both graphs reference the same external data file
+`model.onnx.data` (same initializer names and bytes), which halves disk use and export time.
+"""
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import ConfigError, InputError, ValidationError
+from ..fsutil import atomic_output_dir, peak_rss_bytes, sha256_file, write_json
+from ..manifest import write_manifest
+from ..spec import TOKENIZER_SIDE_FILES, ModelSpec, read_config
+
+log = logging.getLogger(__name__)
+DTYPES = ("fp32", "fp16", "int8")
+INT8_FORMATS = ("vacc", "standard")
+GRAPHS = ("prefill", "decode")
+SEQ_MULTIPLE = 16
+
+
+def check_options(spec, dtype, int8_format, seq_lens, quantized):
+    """Validated (dtype, int8_format, seq_lens); raises ConfigError naming the option."""
+    if quantized:
+        if dtype not in (None, "int8"):
+            raise ConfigError(f"--dtype {dtype}: the model folder is quantized (vacc_w8a16); use --dtype int8 "
+                              "or export the original checkpoint")
+        dtype = "int8"
+    dtype = dtype or "fp32"
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if int8_format not in INT8_FORMATS:
+        raise ConfigError(f"--int8-format {int8_format}: choose vacc or standard")
+    if seq_lens:
+        for n in seq_lens:
+            if n <= 0 or n % SEQ_MULTIPLE:
+                raise ConfigError(f"--seq-len {n}: every sequence-length bucket must be a positive multiple of "
+                                  f"{SEQ_MULTIPLE} (e.g. {max(SEQ_MULTIPLE, n // SEQ_MULTIPLE * SEQ_MULTIPLE)})")
+            if n > spec.max_positions:
+                raise ConfigError(f"--seq-len {n}: longer than max_position_embeddings ({spec.max_positions}) "
+                                  "in config.json")
+        seq_lens = sorted(set(seq_lens))
+    return dtype, (int8_format if dtype == "int8" else None), (seq_lens or None)
+
+
+def _prepare_folder(folder, workdir):
+    """A patched folder to read from: `folder` itself when current, else a patched temporary copy."""
+    from ..patch import patch_model, patch_status
+
+    if patch_status(folder)["current"]:
+        return folder, False
+    patched = Path(workdir) / "patched"
+    patch_model(str(folder), out=str(patched))
+    return patched, True
+
+
+def _check_disk(out, need):
+    probe = Path(out).resolve().parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise InputError(f"{out}: not enough disk space ({free / 2**30:.2f} GiB free, the bundle needs about "
+                         f"{need / 2**30:.2f} GiB); free space or choose another output folder")
+
+
+def build_graphs(folder, dtype, int8_format, seq_lens):
+    """(protos, params) of prefill and decode, weightless, int8 flavour applied and transposes folded."""
+    from . import graphs, int8, weights
+
+    is_int8 = dtype == "int8"
+    model = graphs.skeleton(folder, "fp32" if is_int8 else dtype, int8=is_int8)
+    fixed = seq_lens[0] if seq_lens and len(seq_lens) == 1 else None
+    protos, params_list = [], []
+    with graphs.export_patches(int8.vacc_patches() if is_int8 else []):
+        for kind in GRAPHS:
+            proto, names = graphs.trace(model, kind, seq=fixed if kind == "prefill" else None)
+            params = {k: (v, False) for k, v in names.items()}
+            if is_int8 and int8_format == "standard":
+                int8.to_standard(proto, params)
+            int8.ensure_domain(proto)
+            weights.fold_transposes(proto, params)
+            protos.append(proto)
+            params_list.append(params)
+    del model
+    return protos, params_list
+
+
+def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, simplify=True, overwrite=False):
+    """Export MODEL (plain, patched or quantized folder) into bundle `out`; returns a result dict."""
+    import onnx
+
+    from . import int8, weights
+    from .simplify import simplify as run_simplify
+    from ..patch import resolve_model
+
+    start = time.perf_counter()
+    src = resolve_model(str(model))
+    spec = ModelSpec.from_folder(src)
+    cfg = read_config(src)
+    quantized = (cfg.get("quantization_config") or {}).get("quant_method") == "vacc_w8a16"
+    dtype, int8_format, seq_lens = check_options(spec, dtype, int8_format, seq_lens, quantized)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out}: already exists (choose another output folder or remove it)")
+    with tempfile.TemporaryDirectory(prefix="skywork-export-") as work:
+        folder, patched_copy = _prepare_folder(src, work)
+        protos, params_list = build_graphs(folder, dtype, int8_format, seq_lens)
+        simplified = {}
+        for i, kind in enumerate(GRAPHS):
+            if simplify:
+                protos[i], simplified[kind] = run_simplify(protos[i], kind)
+            else:
+                n = len(protos[i].graph.node)
+                simplified[kind] = {"applied": False, "nodes_before": n, "nodes_after": n,
+                                    "message": "--no-simplify"}
+        specs = {}
+        for proto, params in zip(protos, params_list):
+            specs.update(weights.param_specs(proto, params))
+        need = int(weights.estimate_bytes(specs) * 1.05) + (64 << 20)
+        _check_disk(out, need)
+        trace_seconds = time.perf_counter() - start
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            data_bytes = weights.write_initializers(folder, protos, params_list, tmp / weights.DATA_FILE)
+            for kind, proto in zip(GRAPHS, protos):
+                onnx.save_model(proto, str(tmp / f"{kind}.onnx"))
+                onnx.checker.check_model(str(tmp / f"{kind}.onnx"))
+            _copy_side_files(folder, tmp)
+            write_seconds = time.perf_counter() - start - trace_seconds
+            export_rss = peak_rss_bytes()  # before validation loads the reference model and ORT sessions
+            report = _validate(tmp, folder, dtype, int8_format, spec, seq_lens, protos)
+            write_json(tmp / "validation.json", report)
+            manifest = _manifest(tmp, src, spec, dtype, int8_format, seq_lens, protos, simplified, data_bytes,
+                                 patched_copy, report)
+            if not report["passed"]:
+                failed = out.with_name(out.name + ".failed")
+                shutil.rmtree(failed, ignore_errors=True)
+                os.replace(tmp, failed)
+                from .validate import table
+                raise ValidationError(f"{out}: the exported graphs do not match the reference; bundle kept in "
+                                      f"{failed} (not in {out}):\n" + table([r for r in report["rows"]
+                                                                              if not r["ok"]]))
+    seconds = time.perf_counter() - start
+    result = {"out": str(out), "dtype": dtype, "int8_format": int8_format, "seq_lens": seq_lens,
+              "seconds": round(seconds, 2), "trace_seconds": round(trace_seconds, 2),
+              "write_seconds": round(write_seconds, 2), "peak_rss_bytes": peak_rss_bytes(),
+              "export_peak_rss_bytes": export_rss, "validate_seconds": round(seconds - trace_seconds - write_seconds, 2),
+              "weight_bytes": data_bytes, "nodes": {k: v["nodes_after"] for k, v in simplified.items()},
+              "simplify": simplified, "validation": report, "manifest": manifest,
+              "custom_nodes": len(int8.custom_nodes(protos[0]))}
+    return result
+
+
+def _copy_side_files(folder, dst):
+    for name in ("config.json",) + TOKENIZER_SIDE_FILES:
+        if (Path(folder) / name).is_file():
+            shutil.copy2(Path(folder) / name, dst / name)
+
+
+def _validate(bundle, folder, dtype, int8_format, spec, seq_lens, protos):
+    """Run validate.py's checks for this dtype/flavour; returns the report dict (rows, passed, table)."""
+    import onnx
+
+    from . import int8, validate as v
+
+    seq = seq_lens[0] if seq_lens else v.PROMPT_LEN
+    is_int8 = dtype == "int8"
+    ref = v.reference_chain(folder, is_int8, spec.vocab_size, seq)
+    float_np = "float16" if dtype == "fp16" else "float32"
+    paths = [bundle / f"{k}.onnx" for k in GRAPHS]
+    temp = []
+    if int8_format == "vacc":  # ORT cannot run the custom op: check its reference rewrite (same weights)
+        temp = [bundle / f".validate-{k}.onnx" for k in GRAPHS]
+        for proto, path in zip(protos, temp):
+            onnx.save_model(int8.to_reference(proto), str(path))
+        paths = temp
+    if not is_int8:
+        modes = [(f"{dtype} ort", v.FAST, True)]
+    else:
+        modes = [("int8 ort exact", v.EXACT, True), ("int8 ort unfused", v.UNFUSED, True),
+                 ("int8 ort default(fast)", v.FAST, False)]
+    rows = []
+    try:
+        for mode, options, gated in modes:
+            steps, nonfinite = v.run_chain(paths[0], paths[1], ref, spec.num_layers, spec.vocab_size, seq,
+                                           options, float_np)
+            rows += v.compare(mode, "fp16" if dtype == "fp16" else "exact", gated, steps, nonfinite, ref)
+    finally:
+        for path in temp:
+            path.unlink(missing_ok=True)
+    reference = "ours+quantize(8) fp32" if is_int8 else "transformers Qwen2ForCausalLM eager fp32"
+    checked = "vacc graph with custom nodes rewritten to DequantizeLinear+Transpose+MatMul" \
+        if int8_format == "vacc" else "bundle graphs"
+    passed = all(r["ok"] for r in rows)
+    report = {"passed": passed, "reference": reference, "checked": checked, "seq_len": seq,
+              "batch": 2, "left_padding": v.PAD, "decode_steps": v.DECODE_STEPS, "rows": rows,
+              "table": v.table(rows)}
+    log.debug("validation:\n%s", report["table"])
+    return report
+
+
+def _io(values):
+    from .weights import ONNX_TYPES
+
+    return [{"name": x.name, "dtype": ONNX_TYPES.get(x.type.tensor_type.elem_type, "?"),
+             "shape": [d.dim_param or d.dim_value for d in x.type.tensor_type.shape.dim]} for x in values]
+
+
+def _manifest(bundle, src, spec, dtype, int8_format, seq_lens, protos, simplified, data_bytes, patched_copy,
+              report):
+    from . import graphs, int8, weights
+
+    float_type = "float16" if dtype == "fp16" else "float32"
+    graph_info = {}
+    for kind, proto in zip(GRAPHS, protos):
+        graph_info[kind] = {
+            "file": f"{kind}.onnx", "sha256": sha256_file(bundle / f"{kind}.onnx"),
+            "data_file": weights.DATA_FILE, "inputs": _io(proto.graph.input), "outputs": _io(proto.graph.output),
+            "opset": graphs.OPSET, "custom_opsets": {int8.DOMAIN: int8.DOMAIN_VERSION} if int8_format == "vacc"
+            else {}, "nodes": len(proto.graph.node), "simplify": simplified[kind],
+            "custom_nodes": len(int8.custom_nodes(proto)),
+        }
+    if seq_lens is None:
+        shapes = "dynamic batch, sequence and past axes"
+    elif len(seq_lens) == 1:
+        shapes = (f"prefill sequence axis fixed to {seq_lens[0]} (left-pad prompts to it); batch dynamic; decode "
+                  "keeps a dynamic past axis (the cache grows by one per step)")
+    else:
+        shapes = (f"prefill sequence axis symbolic but only the buckets {seq_lens} are supported and validated "
+                  "(left-pad to the smallest that fits); decode keeps a dynamic past axis")
+    return write_manifest(
+        bundle, "export", source=str(src), model=spec.name, dtype=dtype, int8_format=int8_format,
+        seq_lens=seq_lens, seq_lens_meaning=shapes, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim, vocab_size=spec.vocab_size, kv_dtype=float_type, logits_dtype=float_type,
+        graphs=graph_info, runnable_on_onnxruntime=int8_format != "vacc",
+        data_file={"file": weights.DATA_FILE, "bytes": data_bytes, "shared_by": list(GRAPHS),
+                   "sha256": sha256_file(bundle / weights.DATA_FILE)},
+        exporter="torch.onnx TorchScript (opset 17), traced without weights, initializers streamed",
+        patched_on_the_fly=patched_copy, validation={"passed": report["passed"], "file": "validation.json"},
+        options={"dtype": dtype, "int8_format": int8_format, "seq_lens": seq_lens},
+    )

@@ -1,0 +1,195 @@
+"""Export stage: prefill/decode graphs on tiny random Qwen2 models, validated by ONNX Runtime."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from skywork_deploy.cli import cli
+from skywork_deploy.errors import ConfigError, InputError
+
+LAYERS = 2
+
+
+@pytest.fixture(scope="session")
+def small_model(tiny_model_factory):
+    """Tiny GQA model with a 1,024-row embedding (fast); tokenizer files present (patching needs them)."""
+    return tiny_model_factory("gqa", tokenizer=True, vocab_size=1024)
+
+
+@pytest.fixture(scope="session")
+def fp32_bundle(tiny_model_factory, tmp_path_factory):
+    from skywork_deploy.export import export_model
+
+    out = tmp_path_factory.mktemp("export") / "fp32"
+    result = export_model(tiny_model_factory("gqa", tokenizer=True), out)
+    return out, result
+
+
+def _manifest(out):
+    return json.loads((out / "skywork_deploy_manifest.json").read_text())
+
+
+def test_fp32_bundle_layout_and_names_follow_the_contract(fp32_bundle):
+    import onnx
+
+    out, result = fp32_bundle
+    for name in ("prefill.onnx", "decode.onnx", "model.onnx.data", "config.json", "vocab.json", "merges.txt",
+                 "tokenizer_config.json", "validation.json"):
+        assert (out / name).is_file(), name
+    m = _manifest(out)
+    assert m["stage"] == "export" and m["dtype"] == "fp32" and m["int8_format"] is None and m["seq_lens"] is None
+    assert (m["num_layers"], m["num_kv_heads"], m["head_dim"], m["vocab_size"]) == (LAYERS, 2, 16, 151936)
+    assert m["kv_dtype"] == m["logits_dtype"] == "float32" and m["runnable_on_onnxruntime"] is True
+    pre, dec = m["graphs"]["prefill"], m["graphs"]["decode"]
+    assert [i["name"] for i in pre["inputs"]] == ["input_ids", "attention_mask", "position_ids"]
+    present = [f"present.{i}.{n}" for i in range(LAYERS) for n in ("key", "value")]
+    assert [o["name"] for o in pre["outputs"]] == ["logits"] + present
+    assert [i["name"] for i in dec["inputs"]] == ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{n}" for i in range(LAYERS) for n in ("key", "value")]
+    assert pre["outputs"][0]["shape"] == ["batch_size", 1, 151936]
+    assert dec["inputs"][3]["shape"] == ["batch_size", 2, "past_sequence_length", 16]
+    assert pre["opset"] == 17 and pre["file"] == "prefill.onnx"
+    # both graphs keep their weights in the one shared, external data file
+    for kind in ("prefill", "decode"):
+        proto = onnx.load(str(out / f"{kind}.onnx"), load_external_data=False)
+        locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {"model.onnx.data"}
+        assert pre["simplify"]["nodes_after"] < pre["simplify"]["nodes_before"]
+
+
+def test_fp32_validation_passes_against_transformers(fp32_bundle):
+    out, result = fp32_bundle
+    report = json.loads((out / "validation.json").read_text())
+    assert report["passed"] and report["reference"].startswith("transformers")
+    assert len(report["rows"]) == 9  # prefill + 8 chained decode steps
+    assert max(r["max_abs_diff"] for r in report["rows"]) <= 1e-4
+    assert all(r["top1_agreement"] == 1.0 for r in report["rows"])
+
+
+def test_fp32_decode_runs_with_its_own_presents(fp32_bundle):
+    import onnxruntime as ort
+
+    out, _ = fp32_bundle
+    pre = ort.InferenceSession(str(out / "prefill.onnx"))
+    dec = ort.InferenceSession(str(out / "decode.onnx"))
+    ids = np.array([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]], dtype=np.int64)
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=np.int64)
+    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+    o = pre.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos})
+    assert o[0].shape == (2, 1, 151936) and o[1].shape == (2, 2, 5, 16)
+    feed = {"input_ids": o[0].argmax(-1), "attention_mask": np.ones((2, 6), dtype=np.int64),
+            "position_ids": pos[:, -1:] + 1}
+    feed["attention_mask"][0, :2] = 0
+    for i in range(LAYERS):
+        feed[f"past_key_values.{i}.key"], feed[f"past_key_values.{i}.value"] = o[1 + 2 * i], o[2 + 2 * i]
+    d = dec.run(None, feed)
+    assert d[1].shape == (2, 2, 6, 16) and np.isfinite(d[0]).all()
+
+
+def test_fp16_left_padded_batch_has_no_nan(small_model, tmp_path):
+    from skywork_deploy.export import export_model
+
+    result = export_model(small_model, tmp_path / "fp16", dtype="fp16")
+    m = result["manifest"]
+    assert m["kv_dtype"] == "float16" and m["graphs"]["decode"]["inputs"][3]["dtype"] == "float16"
+    rows = result["validation"]["rows"]
+    assert result["validation"]["passed"] and all(r["finite"] for r in rows)
+    assert min(r["cosine"] for r in rows) > 0.999
+
+
+def test_int8_standard_runs_on_onnxruntime_exactly(small_model, tmp_path):
+    import onnx
+
+    from skywork_deploy.export import export_model
+
+    result = export_model(small_model, tmp_path / "int8", dtype="int8", simplify=False)
+    proto = onnx.load(str(tmp_path / "int8" / "prefill.onnx"), load_external_data=False)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("DequantizeLinear") == 7 * LAYERS and not result["custom_nodes"]
+    int8_inits = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8_inits) == 7 * LAYERS and all(t.name.endswith(".T") for t in int8_inits)
+    rows = result["validation"]["rows"]
+    exact = [r for r in rows if r["mode"] == "int8 ort exact"]
+    assert len(exact) == 9 and all(r["ok"] and r["max_abs_diff"] <= 1e-4 for r in exact)
+    assert any(r["mode"].startswith("int8 ort default") and not r["gated"] for r in rows)
+    assert result["manifest"]["graphs"]["prefill"]["simplify"]["message"] == "--no-simplify"
+
+
+def test_int8_vacc_from_quantized_folder_has_custom_nodes_and_passes_checker(small_model, tmp_path):
+    """A `quantize` folder implies int8; the vacc graph is checked by onnx.checker and by its ORT rewrite."""
+    import onnx
+
+    from skywork_deploy.export import export_model
+    from skywork_deploy.quantize import quantize_model
+
+    quantize_model(str(small_model), str(tmp_path / "q"))
+    out = tmp_path / "vacc"
+    result = export_model(tmp_path / "q", out, int8_format="vacc")
+    assert result["dtype"] == "int8"
+    proto = onnx.load(str(out / "decode.onnx"), load_external_data=False)
+    onnx.checker.check_model(str(out / "decode.onnx"))
+    custom = [n for n in proto.graph.node if n.domain == "Vastai" and n.op_type == "QuantizedLinearPerChannel"]
+    assert len(custom) == 7 * LAYERS and all(len(n.input) == 3 for n in custom)
+    assert {o.domain: o.version for o in proto.opset_import}.get("Vastai") == 1
+    m = result["manifest"]
+    assert m["runnable_on_onnxruntime"] is False and m["int8_format"] == "vacc"
+    assert result["validation"]["passed"] and "rewritten" in result["validation"]["checked"]
+    assert not list(out.glob(".validate-*"))
+
+
+def test_fixed_bucket_via_cli(small_model, tmp_path):
+    out = tmp_path / "b32"
+    res = CliRunner().invoke(cli, ["export", str(small_model), "-o", str(out), "--seq-len", "32", "--json"])
+    assert res.exit_code == 0, res.output
+    m = _manifest(out)
+    assert m["seq_lens"] == [32] and "fixed to 32" in m["seq_lens_meaning"]
+    assert m["graphs"]["prefill"]["inputs"][0]["shape"] == ["batch_size", 32]
+    assert json.loads((out / "validation.json").read_text())["seq_len"] == 32
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seq-len", "20"], "multiple of 16"),
+    (["--seq-len", "8192"], "max_position_embeddings"),
+    (["--dtype", "fp16", "--int8-format", "bogus"], "bogus"),
+])
+def test_bad_options_leave_no_output(small_model, tmp_path, args, message):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["export", str(small_model), "-o", str(out)] + args)
+    assert res.exit_code != 0 and message in res.output
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_non_qwen2_folder_is_refused(small_model, tmp_path):
+    folder = tmp_path / "llama"
+    shutil.copytree(small_model, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    res = CliRunner().invoke(cli, ["export", str(folder), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "model_type" in res.output and not (tmp_path / "out").exists()
+
+
+def test_disk_space_and_option_checks(tmp_path, small_model):
+    from skywork_deploy.export import _check_disk, check_options
+    from skywork_deploy.spec import ModelSpec
+
+    with pytest.raises(InputError, match="not enough disk space"):
+        _check_disk(tmp_path / "out", 1 << 62)
+    spec = ModelSpec.from_folder(small_model)
+    assert check_options(spec, None, "standard", [64, 32, 64], False) == ("fp32", None, [32, 64])
+    assert check_options(spec, None, "vacc", None, True) == ("int8", "vacc", None)
+    with pytest.raises(ConfigError, match="quantized"):
+        check_options(spec, "fp16", "standard", None, True)
+
+
+def test_validation_collects_every_mismatch():
+    from skywork_deploy.export import validate
+
+    ref = [np.array([[0.0, 1.0, 2.0], [3.0, 2.0, 1.0]])] * 3
+    bad = [r + np.array([[0.0, 0.0, 0.5]]) for r in ref]
+    bad[2] = bad[2] * np.nan
+    rows = validate.compare("fp32 ort", "exact", True, bad, [False, False, False], ref)
+    assert [r["ok"] for r in rows] == [False, False, False] and rows[2]["finite"] is False
+    assert "NO" in validate.table(rows)
