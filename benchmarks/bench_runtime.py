@@ -42,16 +42,21 @@ def prepare(workdir, preset="qwen2.5-0.5b"):
     model = workdir / "model"
     if not (model / "config.json").is_file():
         make_random_qwen2(model, preset=preset)
-    bundles = {}
+    bundles, errors = {}, {}
     for dtype in ("fp32", "int8"):
         out = workdir / f"bundle-{dtype}"
         if not (out / "skywork_deploy_manifest.json").is_file():
             t0 = time.perf_counter()
             kwargs = {"int8_format": "standard"} if dtype == "int8" else {}
-            export_model(model, out, dtype=dtype, **kwargs)
+            try:
+                export_model(model, out, dtype=dtype, overwrite=True, **kwargs)
+            except Exception as exc:  # record it and measure the other bundle
+                errors[dtype] = f"export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                print(errors[dtype])
+                continue
             print(f"exported {dtype} in {time.perf_counter() - t0:.0f} s")
         bundles[dtype] = out
-    return model, bundles
+    return model, bundles, errors
 
 
 def measure_reference(model_folder, prompt_len=128, new_tokens=64, repeats=3, threads=2):
@@ -84,11 +89,14 @@ def measure_fidelity(bundle_dir, prompt_len=128, steps=32, threads=2, **options)
 
 def run(workdir, prompt_len=128, new_tokens=64, repeats=3, threads=2, preset="qwen2.5-0.5b", slow_repeats=1,
         slow_tokens=16):
-    model, bundles = prepare(workdir, preset)
+    model, bundles, errors = prepare(workdir, preset)
     ref = measure_reference(model, prompt_len, new_tokens, repeats, threads)
     print(f"reference: prefill {ref['prefill_ms']:.1f} ms, decode {ref['decode_tokens_per_s']:.2f} tok/s")
     rows = []
     for name, dtype, options in VARIANTS:
+        if dtype not in bundles:
+            rows.append({"name": name, "dtype": dtype, **options, "error": errors[dtype]})
+            continue
         slow = options.get("int8_accuracy") == "exact-nbits"  # ~20x slower: fewer steps, one run
         speed = measure_bundle(bundles[dtype], prompt_len, slow_tokens if slow else new_tokens,
                                slow_repeats if slow else repeats, threads, **options)

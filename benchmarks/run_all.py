@@ -95,9 +95,11 @@ def case_timing(preset, args):
 
 
 def run_reference(case, ckpt, logits_dir, args):
+    if args.exports_only:
+        return []
     log(f"{case}: transformers eager")
     run = peers.run_worker("hf", ckpt, logits_dir / "hf.npy", **args.timing)
-    return speed_row(case, "transformers eager", "fp32", run)
+    return [speed_row(case, "transformers eager", "fp32", run)]
 
 
 def run_peers(case, ckpt, work, logits_dir, args):
@@ -108,7 +110,7 @@ def run_peers(case, ckpt, work, logits_dir, args):
         out = work / "optimum"
         exp = peers.optimum_export(ckpt, out)
         run = None
-        if exp["rc"] == 0:
+        if exp["rc"] == 0 and not args.exports_only:
             log(f"{case}: optimum decode")
             run = peers.run_worker("optimum", out, logits_dir / "optimum.npy", **common)
         rows.append(speed_row(case, "Optimum (ORTModelForCausalLM)", "fp32", run, exp))
@@ -121,7 +123,7 @@ def run_peers(case, ckpt, work, logits_dir, args):
             out = work / f"genai-{precision}"
             exp = peers.genai_build(ckpt, out, precision)
             run = None
-            if exp["rc"] == 0:
+            if exp["rc"] == 0 and not args.exports_only:
                 log(f"{case}: genai decode {precision}")
                 run = peers.run_worker("genai", out, logits_dir / f"genai-{precision}.npy", **common)
             rows.append(speed_row(case, "ORT GenAI (generator)", precision, run, exp))
@@ -169,11 +171,17 @@ def run_ours(case, ckpt, work, logits_dir, args):
         res = run_measured(cmd, heavy=True)
         exp = {"wall_s": res["wall_s"], "peak_rss_bytes": res["peak_rss_bytes"], "rc": res["rc"],
                "cmd": res["cmd"], "artifact_bytes": folder_bytes(out) if out.exists() else None}
+        reported = last_json_line(res["stdout"]) or {}
+        if reported.get("export_peak_rss_bytes"):  # the export alone, before its built-in validation
+            exp["export_only_peak_rss_bytes"] = reported["export_peak_rss_bytes"]
         if res["rc"] != 0:
             exp["error"] = res["stderr_tail"][-1500:]
             rows.append(speed_row(case, "ours (ONNX Runtime)", dtype, None, exp))
             continue
         variants = ["exact", "fast"] if dtype == "int8" else ["exact"]
+        if args.exports_only:
+            rows.append(speed_row(case, "ours (ONNX Runtime)", dtype, None, exp))
+            variants = []
         for acc in variants:
             log(f"{case}: our decode {dtype} {acc}")
             run = peers.run_worker("ours", out, logits_dir / f"ours-{dtype}-{acc}.npy",
@@ -209,6 +217,8 @@ def main(argv=None):
     ap.add_argument("--work-dir", default=str(HERE / "work" / "run_all"))
     ap.add_argument("--results-dir", default=str(HERE / "results"))
     ap.add_argument("--tag", default="", help="suffix of the result files: results/<date>[-TAG].md")
+    ap.add_argument("--exports-only", action="store_true",
+                    help="measure export/build and quantize only (no decode, no logits): the memory figures")
     ap.add_argument("--keep", action="store_true", help="keep our exported bundles in the work folder")
     args = ap.parse_args(argv)
     args.repeats = args.repeats or (2 if args.quick else 3)
@@ -243,16 +253,19 @@ def main(argv=None):
         ckpt = make_checkpoint(case_dir / "checkpoint", preset, layers)
         args.timing = case_timing(preset, args)
         data["cases"][name] = {**weight_stats(ckpt), "timing": args.timing}
-        rows = [run_reference(name, ckpt, logits_dir, args)]
+        stages = [lambda: run_reference(name, ckpt, logits_dir, args)]
         if args.only != "ours":
-            rows += run_peers(name, ckpt, case_dir, logits_dir, args)
+            stages.append(lambda: run_peers(name, ckpt, case_dir, logits_dir, args))
         if args.only != "peers":
             if cli_has("quantize"):
-                data["quantize"].append(run_quantize(name, ckpt, case_dir, data["overhead_bytes"]))
-            rows += run_ours(name, ckpt, case_dir, logits_dir, args)
-        add_fidelity(rows, logits_dir)
-        data["rows"] += rows
-        save(data, args.results_dir)  # after every case: a long run leaves usable partial results
+                stages.append(lambda: data["quantize"].append(
+                    run_quantize(name, ckpt, case_dir, data["overhead_bytes"])) or [])
+            stages.append(lambda: run_ours(name, ckpt, case_dir, logits_dir, args))
+        for stage in stages:
+            rows = stage()
+            add_fidelity(rows, logits_dir)
+            data["rows"] += rows
+            save(data, args.results_dir)  # after every stage: a long run leaves usable partial results
     data["machine"]["load_average_end"] = os.getloadavg()
     paths = save(data, args.results_dir)
     log("wrote " + ", ".join(str(p) for p in paths))
@@ -287,12 +300,11 @@ def save(data, results_dir):
     stem = results_dir / (data["date"][:10] + (f"-{data['tag']}" if data.get("tag") else ""))
     json_path = stem.with_suffix(".json")
     json_path.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    md_path = stem.with_suffix(".md")
-    md_path.write_text(report.markdown(data))
-    png_path = stem.with_suffix(".png")
+    md_path, png_path = stem.with_suffix(".md"), stem.with_suffix(".png")
     try:
-        report.plot(data, png_path)
+        report.write(data, stem)
     except ImportError:
+        md_path.write_text(report.markdown(data))
         log("matplotlib missing (pip install -e .[bench]): no plot")
         png_path = None
     return [p for p in (md_path, json_path, png_path) if p]

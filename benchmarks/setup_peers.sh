@@ -30,7 +30,6 @@ make_venv() {  # name, then pip requirement arguments
     echo "[setup_peers] $name: creating $dir"
     rm -rf "$dir"
     "$PYTHON" -m venv "$dir"
-    "$dir/bin/python" -m pip install -q --upgrade pip
     "$dir/bin/python" -m pip install -q "$(torch_spec)"
     "$dir/bin/python" -m pip install -q "$@" psutil
     "$dir/bin/python" -m pip freeze > "$dir/.installed"
@@ -42,6 +41,7 @@ make_venv optimum "optimum-onnx==0.1.0" "transformers<4.58" "onnxruntime" "onnx"
 # The builder also imports onnx_ir, which onnxruntime-genai does not declare.
 make_venv genai "onnxruntime-genai==0.18.0" "transformers>=5,<6" "onnx" "onnxruntime" "onnx-ir"
 
+KEY_PACKAGES='^(torch|transformers|optimum-onnx|optimum|onnxruntime|onnxruntime-genai|onnx|onnx-ir)=='
 for name in optimum genai; do
-    echo "[setup_peers] $name: $(grep -iE '^(torch|transformers|optimum-onnx|optimum|onnxruntime|onnxruntime-genai|onnx|onnx-ir)==' "$VENVS/$name/.installed" | tr '\n' ' ')"
+    echo "[setup_peers] $name: $(grep -iE "$KEY_PACKAGES" "$VENVS/$name/.installed" | tr '\n' ' ')"
 done

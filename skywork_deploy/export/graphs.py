@@ -101,8 +101,41 @@ def _dynamic_axes(inputs, outputs):
     return {name: {i: d for i, d in enumerate(shape) if isinstance(d, str)} for name, _, shape in inputs + outputs}
 
 
-def trace(model, kind, seq=None):
-    """Trace one graph; returns (onnx.ModelProto without weights, {graph input name: state-dict name})."""
+def trace(model, kind, seq=None, attempts=3):
+    """Trace one graph; returns (onnx.ModelProto without weights, {graph input name: state-dict name}).
+
+    A trace that defines a name twice (the exporter's value-based dedup of parameters did this before it was
+    turned off) is detected and traced again, then refused with a clear error.
+    """
+    from ..errors import ModelFormatError
+
+    for attempt in range(attempts):
+        proto, params = _trace_once(model, kind, seq)
+        problem = ssa_problem(proto)
+        if problem is None:
+            return proto, params
+        log.warning("%s trace %d: %s; tracing again", kind, attempt + 1, problem)
+    raise ModelFormatError(f"{kind}: the TorchScript exporter produced an invalid graph {attempts} times "
+                           f"({problem}); please report this")
+
+
+def _has_quantized(model):
+    return any(type(m).__name__ == "QuantizedLinearPerChannel" for m in model.modules())
+
+
+def ssa_problem(proto):
+    """A description of the first name defined twice (inputs, initializers, node outputs), else None."""
+    seen = set()
+    defined = [v.name for v in proto.graph.input] + [t.name for t in proto.graph.initializer]
+    defined += [o for n in proto.graph.node for o in n.output if o]
+    for name in defined:
+        if name in seen:
+            return f"{name!r} is defined more than once"
+        seen.add(name)
+    return None
+
+
+def _trace_once(model, kind, seq=None):
     import onnx
     import torch
     from torch.onnx._internal.torchscript_exporter.utils import _export
@@ -131,7 +164,10 @@ def trace(model, kind, seq=None):
         _export(wrapper, args, buf, export_params=False, do_constant_folding=False, onnx_shape_inference=False,
                 opset_version=OPSET, input_names=[n for n, _, _ in inputs],
                 output_names=[n for n, _, _ in outputs], dynamic_axes=_dynamic_axes(inputs, outputs),
-                custom_opsets={"Vastai": 1})
+                custom_opsets={"Vastai": 1} if _has_quantized(model) else None,
+                # keeps the exporter from "deduplicating" parameters by value: uninitialised (all-zero) weights
+                # compare equal and were merged through Identity nodes (a name defined twice, a dropped lm_head)
+                keep_initializers_as_inputs=True)
     proto = onnx.load_from_string(buf.getvalue())
     _declare_missing_params(proto, wrapper)
     _set_io(proto, inputs, outputs)
@@ -148,6 +184,7 @@ def _declare_missing_params(proto, wrapper):
     from onnx.helper import np_dtype_to_tensor_dtype
 
     declared = {v.name for v in proto.graph.input} | {t.name for t in proto.graph.initializer}
+    declared |= {o for n in proto.graph.node for o in n.output}
     used = {i for n in proto.graph.node for i in n.input}
     for name, tensor in wrapper.state_dict(keep_vars=True).items():
         if name in used and name not in declared:

@@ -24,14 +24,14 @@ TRANSPOSED = ".T"  # suffix of initializers stored transposed (their recipe says
 def vacc_patches():
     """Export patches: [(owner, attribute, replacement, reason)] for graphs.export_patches."""
     import torch
-    import torch.nn.functional as F
-
-    from ..source_code.quantization_vacc import QuantizedLinearPerChannel, dequantize_per_channel
+    from ..source_code.quantization_vacc import QuantizedLinearPerChannel
 
     class VaccLinear(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, weight, scale, out_features):
-            return F.linear(x, dequantize_per_channel(weight, scale, x.dtype))
+            # values are irrelevant to the trace (weights are uninitialised); never materialise a dequantized
+            # copy, which the tracer would keep alive for every layer
+            return x.new_zeros(*x.shape[:-1], out_features)
 
         @staticmethod
         def symbolic(g, x, weight, scale, out_features):

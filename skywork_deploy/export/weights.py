@@ -142,9 +142,14 @@ class _Source:
             q, scale = quantize_per_channel(t)
             self.scales[state] = scale
             return q
-        dtype = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8,
-                 "int64": torch.int64}[ONNX_TYPES[elem]]
-        return t.to(dtype)
+        return t  # converted block by block while writing
+
+
+def _torch_dtype(elem):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8,
+            "int64": torch.int64}[ONNX_TYPES[elem]]
 
 
 def write_initializers(folder, protos, params_list, data_path):
@@ -171,15 +176,20 @@ def write_initializers(folder, protos, params_list, data_path):
             if list(t.shape) != expect:
                 raise ModelFormatError(f"tensor {state}: shape {list(t.shape)} in the checkpoint, the config "
                                        f"implies {expect} (config.json and the shards disagree)")
+            dtype = _torch_dtype(elem)
             pad = (-fh.tell()) % (ALIGN if t.numel() * t.element_size() >= ALIGN else 64)
             fh.write(b"\0" * pad)
             offset = fh.tell()
-            if transposed:
-                step = max(1, BLOCK_BYTES // max(1, t.shape[0] * t.element_size()))
+            if transposed:  # column blocks of the source become row blocks of the stored tensor
+                step = max(1, BLOCK_BYTES // max(1, t.shape[0] * 4))
                 for c in range(0, t.shape[1], step):
-                    fh.write(t[:, c:c + step].t().contiguous().numpy().tobytes())
+                    fh.write(t[:, c:c + step].t().to(dtype).contiguous().numpy().tobytes())
+            elif t.dim() >= 2:
+                step = max(1, BLOCK_BYTES // max(1, t[0].numel() * 4))
+                for r in range(0, t.shape[0], step):
+                    fh.write(t[r:r + step].to(dtype).contiguous().numpy().tobytes())
             else:
-                fh.write(memoryview(t.contiguous().numpy()).cast("B"))
+                fh.write(t.to(dtype).contiguous().numpy().tobytes())
             locations[name] = (elem, shape, offset, fh.tell() - offset)
             del t
         size = fh.tell()

@@ -35,7 +35,7 @@ class Sampler:
         probs = np.exp(z - z.max())
         probs /= probs.sum()
         if self.top_p < 1.0:
-            order = np.argsort(-probs, kind="stable")
+            order = self._nucleus_order(probs)
             sorted_p = probs[order]
             keep = (np.cumsum(sorted_p) - sorted_p) < self.top_p  # the smallest prefix reaching top_p
             ids, p = order[keep], sorted_p[keep]
@@ -44,6 +44,18 @@ class Sampler:
         cdf = np.cumsum(p)
         pick = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
         return int(ids[min(pick, ids.size - 1)])
+
+    def _nucleus_order(self, probs, k=1024):
+        """Token ids by decreasing probability, covering at least top_p of the mass.
+
+        Sorts only the k most likely tokens when they already hold top_p (the usual case for trained
+        models); falls back to sorting the whole vocabulary otherwise.
+        """
+        if probs.size > k:
+            top = np.argpartition(-probs, k)[:k]
+            if probs[top].sum() >= self.top_p:
+                return top[np.argsort(-probs[top], kind="stable")]
+        return np.argsort(-probs, kind="stable")
 
 
 class StreamDecoder:
