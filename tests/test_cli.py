@@ -60,3 +60,41 @@ def test_user_errors_exit_1_without_traceback(tmp_path):
     result = CliRunner().invoke(cli, ["patch", str(tmp_path / "missing")])
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and "Traceback" not in result.output
+
+
+def _readme_blocks(lang):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return [block.split("\n", 1)[1] for block in text.split("```")[1::2] if block.startswith(lang + "\n")]
+
+
+def _readme_commands():
+    """Every `skywork-deploy ...` line of the README's bash blocks, continuation lines joined."""
+    import shlex
+
+    for block in _readme_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].split(">", 1)[0].strip()
+            if line.startswith("skywork-deploy "):
+                yield shlex.split(line)[1:]
+
+
+def test_readme_examples_use_only_existing_commands_and_options():
+    commands = list(_readme_commands())
+    assert {args[0] for args in commands if not args[0].startswith("-")} >= set(COMMANDS)  # one example per command
+    for args in commands:
+        if args[0].startswith("-"):
+            continue
+        command = cli.get_command(None, args[0])
+        known = {opt for param in command.params for opt in param.opts + param.secondary_opts}
+        unknown = [a for a in args[1:] if a.startswith("-") and a not in known]
+        assert not unknown, f"README: `skywork-deploy {' '.join(args)}` uses unknown options {unknown}"
+
+
+def test_readme_build_yaml_example_is_valid():
+    from skywork_deploy.pipeline.settings import BuildSettings
+
+    (example,) = _readme_blocks("yaml")
+    settings = BuildSettings.from_yaml(example)
+    assert settings.dtype == "int8" and settings.calib.dataset == "c4" and settings.compile.seq_lens == [1024, 2048]
