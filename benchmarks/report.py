@@ -59,7 +59,7 @@ def speed_table(data, case):
     for r in rows:
         exp = r.get("export") or {}
         peak = exp.get("peak_rss_bytes")
-        per_token = stats["bytes_per_token"].get(r["dtype"])
+        per_token = stats["bytes_per_token"].get(r.get("weights") or r["dtype"])
         bound = bw / per_token if per_token else None
         dec = decode(r, first)
         fid = r.get("fidelity") or {}
@@ -173,7 +173,7 @@ def markdown(data, notes=None):
                                       for k, v in data.get("versions", {}).items()) + ".",
              "", "Columns: export = Optimum's `optimum-cli export onnx`, GenAI's model builder, our "
              "`skywork-deploy export`; peak RSS of the whole process tree. `bound tok/s` = memory bandwidth / "
-             "weight bytes read per token (lm_head counted in fp32). Fidelity: logits of a fixed 32-token prompt "
+             "weight bytes read per token (lm_head counted in fp32, except in rows marked 'lm_head int8'). Fidelity: logits of a fixed 32-token prompt "
              "(every position) against transformers eager fp32: max |diff|, minimum cosine, top-1 agreement, "
              "mean KL(ref || row). Random-init models have flat logits, so top-1 under quantization looks worse "
              "than it would on a trained model.", ""]

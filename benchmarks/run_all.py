@@ -70,15 +70,19 @@ def weight_stats(folder):
     params = proj + small + embed + (0 if tied else embed)
     largest = max(embed, h * i)
     per_token = {"fp32": 4 * (proj + small + embed), "int8": proj + 4 * (small + embed),
-                 "int4": proj // 2 + 4 * (small + embed)}
+                 "int4": proj // 2 + 4 * (small + embed),
+                 "int8_lm_head": proj + embed + 4 * small + 4 * v}  # int8 lm_head, fp32 scales
     return {"parameters": params, "fp32_weight_bytes": 4 * params, "bf16_checkpoint_bytes": folder_bytes(folder),
             "largest_tensor_bf16_bytes": 2 * largest, "bytes_per_token": per_token, "layers": n, "tied": tied}
 
 
 # ---- rows ----
 
-def speed_row(case, tool, dtype, run, export=None, variant=""):
+def speed_row(case, tool, dtype, run, export=None, variant="", weights=None):
+    """One table row; `weights` names the bytes-per-token entry of weight_stats when it is not `dtype`."""
     row = {"case": case, "tool": tool, "dtype": dtype, "variant": variant, "export": export, "run": run}
+    if weights:
+        row["weights"] = weights
     if export and export.get("rc", 0) != 0:
         row["error"] = "export failed: " + export.get("error", "")[-400:]
     elif run and "error" in run:
@@ -105,7 +109,7 @@ def run_reference(case, ckpt, logits_dir, args):
 def run_peers(case, ckpt, work, logits_dir, args):
     rows = []
     common = args.timing
-    if peers.available("optimum"):
+    if "optimum" in args.peers and peers.available("optimum"):
         log(f"{case}: optimum export")
         out = work / "optimum"
         exp = peers.optimum_export(ckpt, out)
@@ -115,9 +119,9 @@ def run_peers(case, ckpt, work, logits_dir, args):
             run = peers.run_worker("optimum", out, logits_dir / "optimum.npy", **common)
         rows.append(speed_row(case, "Optimum (ORTModelForCausalLM)", "fp32", run, exp))
         shutil.rmtree(out, ignore_errors=True)
-    else:
+    elif "optimum" in args.peers:
         log("optimum venv missing: run `bash benchmarks/setup_peers.sh`")
-    if peers.available("genai"):
+    if "genai" in args.peers and peers.available("genai"):
         for precision in args.genai_precisions:
             log(f"{case}: genai build {precision}")
             out = work / f"genai-{precision}"
@@ -128,7 +132,7 @@ def run_peers(case, ckpt, work, logits_dir, args):
                 run = peers.run_worker("genai", out, logits_dir / f"genai-{precision}.npy", **common)
             rows.append(speed_row(case, "ORT GenAI (generator)", precision, run, exp))
             shutil.rmtree(out, ignore_errors=True)
-    else:
+    elif "genai" in args.peers:
         log("genai venv missing: run `bash benchmarks/setup_peers.sh`")
     return rows
 
@@ -155,17 +159,37 @@ def run_quantize(case, ckpt, work, overhead):
             "errors": [r["stderr_tail"][-600:] for r in (ours, base) if r["rc"] != 0]}
 
 
+# (row dtype, export --dtype, int8 variants, quantize --include-lm-head first): the vendor-default int8 keeps
+# lm_head in fp32 (W8A16 on the projections only); "int8, lm_head int8" quantizes it too, as GenAI int8 does.
+OUR_BUILDS = [("fp32", "fp32", ["exact"], False), ("int8", "int8", ["exact", "fast"], False),
+              ("int8", "int8", ["fast"], True)]
+
+
 def run_ours(case, ckpt, work, logits_dir, args):
     rows = []
     common = args.timing
     if not cli_has("export"):
         log("`skywork-deploy export` is not available: our export rows are skipped")
         return rows
-    for dtype in ("fp32", "int8"):
-        out = work / f"ours-{dtype}"
+    for row_dtype, dtype, variants, lm_head in OUR_BUILDS:
+        if lm_head and args.no_int8_lm_head:
+            continue
+        tag = dtype + ("-lm" if lm_head else "")
+        out = work / f"ours-{tag}"
         shutil.rmtree(out, ignore_errors=True)
-        log(f"{case}: our export {dtype}")
-        cmd = CLI + ["export", ckpt, "-o", out, "--dtype", dtype, "--json"]
+        src = ckpt
+        if lm_head:  # quantize (with lm_head) first; its time and memory are not part of the export figures
+            src = work / "ours-w8-lm"
+            shutil.rmtree(src, ignore_errors=True)
+            log(f"{case}: our quantize --include-lm-head")
+            res = run_measured(CLI + ["quantize", ckpt, "-o", src, "--include-lm-head", "--no-eval", "--json"],
+                               heavy=True)
+            if res["rc"] != 0:
+                exp = {"rc": res["rc"], "error": "quantize: " + res["stderr_tail"][-1500:]}
+                rows.append(speed_row(case, "ours (ONNX Runtime)", row_dtype, None, exp, weights="int8_lm_head"))
+                continue
+        log(f"{case}: our export {tag}")
+        cmd = CLI + ["export", src, "-o", out, "--dtype", dtype, "--json"]
         if dtype == "int8":
             cmd += ["--int8-format", "standard"]  # the ONNX Runtime-runnable int8 form
         res = run_measured(cmd, heavy=True)
@@ -174,22 +198,25 @@ def run_ours(case, ckpt, work, logits_dir, args):
         reported = last_json_line(res["stdout"]) or {}
         if reported.get("export_peak_rss_bytes"):  # the export alone, before its built-in validation
             exp["export_only_peak_rss_bytes"] = reported["export_peak_rss_bytes"]
+        weights = "int8_lm_head" if lm_head else None
         if res["rc"] != 0:
             exp["error"] = res["stderr_tail"][-1500:]
-            rows.append(speed_row(case, "ours (ONNX Runtime)", dtype, None, exp))
+            rows.append(speed_row(case, "ours (ONNX Runtime)", row_dtype, None, exp, weights=weights))
             continue
-        variants = ["exact", "fast"] if dtype == "int8" else ["exact"]
         if args.exports_only:
-            rows.append(speed_row(case, "ours (ONNX Runtime)", dtype, None, exp))
+            rows.append(speed_row(case, "ours (ONNX Runtime)", row_dtype, None, exp, weights=weights))
             variants = []
         for acc in variants:
-            log(f"{case}: our decode {dtype} {acc}")
-            run = peers.run_worker("ours", out, logits_dir / f"ours-{dtype}-{acc}.npy",
+            log(f"{case}: our decode {tag} {acc}")
+            run = peers.run_worker("ours", out, logits_dir / f"ours-{tag}-{acc}.npy",
                                    extra=["--int8-accuracy", acc], **common)
-            rows.append(speed_row(case, "ours (ONNX Runtime)", dtype, run, exp,
-                                  variant="" if dtype == "fp32" else acc))
+            variant = "" if dtype == "fp32" else acc + (", lm_head int8" if lm_head else "")
+            rows.append(speed_row(case, "ours (ONNX Runtime)", row_dtype, run, exp, variant=variant,
+                                  weights=weights))
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
+            if lm_head:
+                shutil.rmtree(src, ignore_errors=True)
     return rows
 
 
@@ -214,6 +241,9 @@ def main(argv=None):
     ap.add_argument("--big-prompt-lens", default="128", help="prompt lengths for the 7B-layer cases")
     ap.add_argument("--big-new-tokens", type=int, default=16, help="new tokens for the 7B-layer cases")
     ap.add_argument("--genai-precisions", default="fp32,int8,int4")
+    ap.add_argument("--peers", default="optimum,genai", help="comma-separated peers to run (optimum, genai)")
+    ap.add_argument("--no-int8-lm-head", action="store_true",
+                    help="skip our int8 row with lm_head quantized (quantize --include-lm-head, then export)")
     ap.add_argument("--work-dir", default=str(HERE / "work" / "run_all"))
     ap.add_argument("--results-dir", default=str(HERE / "results"))
     ap.add_argument("--tag", default="", help="suffix of the result files: results/<date>[-TAG].md")
@@ -225,6 +255,7 @@ def main(argv=None):
     args.prompt_lens = [int(p) for p in args.prompt_lens.split(",") if p]
     args.big_prompt_lens = [int(p) for p in args.big_prompt_lens.split(",") if p]
     args.genai_precisions = [p for p in args.genai_precisions.split(",") if p]
+    args.peers = [p for p in args.peers.split(",") if p]
     default = ["qwen2.5-0.5b"] if args.quick else [c for c in CASES if c != "tiny"]
     names = args.cases.split(",") if args.cases else default
     unknown = [n for n in names if n not in CASES]

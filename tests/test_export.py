@@ -107,9 +107,10 @@ def test_int8_standard_runs_on_onnxruntime_exactly(small_model, tmp_path):
     result = export_model(small_model, tmp_path / "int8", dtype="int8", simplify=False)
     proto = onnx.load(str(tmp_path / "int8" / "prefill.onnx"), load_external_data=False)
     ops = [n.op_type for n in proto.graph.node]
-    assert ops.count("DequantizeLinear") == 7 * LAYERS and not result["custom_nodes"]
+    # q/k/v and gate/up are fused (export/fuse.py): 4 quantized MatMuls per layer
+    assert ops.count("DequantizeLinear") == 4 * LAYERS and not result["custom_nodes"]
     int8_inits = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    assert len(int8_inits) == 7 * LAYERS and all(t.name.endswith(".T") for t in int8_inits)
+    assert len(int8_inits) == 4 * LAYERS and all(t.name.endswith(".T") for t in int8_inits)
     rows = result["validation"]["rows"]
     exact = [r for r in rows if r["mode"] == "int8 ort exact"]
     assert len(exact) == 9 and all(r["ok"] and r["max_abs_diff"] <= 1e-4 for r in exact)
@@ -193,3 +194,29 @@ def test_validation_collects_every_mismatch():
     rows = validate.compare("fp32 ort", "exact", True, bad, [False, False, False], ref)
     assert [r["ok"] for r in rows] == [False, False, False] and rows[2]["finite"] is False
     assert "NO" in validate.table(rows)
+
+
+def test_forced_streamed_reference_validates_int8_and_is_recorded(small_model, tmp_path, monkeypatch):
+    from skywork_deploy.export import export_model, validate
+
+    monkeypatch.setenv(validate.REFERENCE_ENV, "streamed")
+    out = tmp_path / "int8"
+    result = export_model(small_model, out, dtype="int8", simplify=False)
+    report = json.loads((out / "validation.json").read_text())
+    assert report["passed"] and report["reference_kind"] == "streamed" and "layer-streamed" in report["reference"]
+    assert report["decode_tokens"].startswith("forced") and validate.REFERENCE_ENV in report["reference_choice"]
+    exact = [r for r in result["validation"]["rows"] if r["gated"]]
+    assert len(exact) == 18 and max(r["max_abs_diff"] for r in exact) <= 1e-4
+
+
+def test_validation_skipped_when_no_session_fits_is_reported_not_passed(small_model, tmp_path, monkeypatch):
+    from skywork_deploy.export import export_model, validate
+
+    monkeypatch.setattr(validate, "ORT_MAX_FRACTION", 0.0)
+    monkeypatch.setattr(validate, "reference_logits", lambda *a: pytest.fail("reference computed for nothing"))
+    out = tmp_path / "fp32"
+    result = export_model(small_model, out, simplify=False)
+    report = json.loads((out / "validation.json").read_text())
+    assert report["passed"] is None and "GiB" in report["skipped"] and report["rows"] == []
+    assert "skipped" in result["validation"]["table"] and out.is_dir()
+    assert _manifest(out)["validation"] == {"passed": None, "file": "validation.json", "skipped": report["skipped"]}

@@ -118,3 +118,43 @@ def test_bad_settings_are_one_line_errors(tmp_path, tiny_model_factory):
     assert not (tmp_path / "o").exists()
     result = invoke(["build", "--dtype", "fp16"])
     assert result.exit_code == 1 and "model: missing" in result.output
+
+
+def test_skipped_export_validation_is_a_visible_warning_not_a_pass():
+    from skywork_deploy.pipeline import stages
+
+    skipped = "an ONNX Runtime session needs about 30.0 GiB"
+    results = {"validate": {"result": {"passed": None, "skipped": skipped,
+                                       "export": {"passed": None, "skipped": skipped}, "smoke": {}}}}
+    v = stages.summarize_validation(results)["export"]
+    assert v["passed"] is None and v["skipped"] == skipped and v["warning"].endswith(skipped)
+
+
+def test_torch_smoke_run_is_skipped_when_the_whole_model_would_not_fit(demo, monkeypatch):
+    from skywork_deploy.pipeline import stages
+    from skywork_deploy.runtime.bundle import open_bundle
+
+    bundle = open_bundle(demo[0] / "export")
+    assert stages._torch_smoke_skip(bundle) is None  # the tiny demo fits
+    monkeypatch.setenv("SKYWORK_DEPLOY_REFERENCE", "streamed")  # what a 7B/32B on a small machine gets
+    assert "torch run skipped" in stages._torch_smoke_skip(bundle)
+
+
+def test_build_fails_on_a_skipped_validation_unless_allowed(demo, tmp_path, monkeypatch):
+    from skywork_deploy.export import validate
+
+    out, _, _ = demo
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    for stage in ("export", "validate"):  # redo both as on a machine too small for an ORT session
+        (copy / ".stages" / f"{stage}.json").unlink()
+        shutil.rmtree(copy / stage)
+    monkeypatch.setattr(validate, "ORT_MAX_FRACTION", 0.0)
+    result = invoke(["build", "-c", copy / "build.yaml", "-o", copy])
+    assert result.exit_code == 1 and "validation of export was skipped" in result.output
+    assert "--allow-unvalidated" in result.output and "Traceback" not in result.output
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["passed"] is False and manifest["validation"]["export"]["passed"] is None
+    result = invoke(["build", "-c", copy / "build.yaml", "-o", copy, "--allow-unvalidated"])
+    assert result.exit_code == 0, result.output
+    assert "SKIPPED (warning)" in result.output

@@ -163,6 +163,25 @@ def test_quantized_folder_is_bit_identical(tiny_model_factory, tmp_path):
     e2e = report["end_to_end"]
     assert e2e["bit_identical_to_in_memory"] is True and e2e["prompt_source"] == "tokenizer"
     assert 0 < e2e["max_abs_diff"] < 0.1 and e2e["top1_agreement"] > 0.8 and 0 <= e2e["mean_kl"] < 1e-3
+    assert e2e["method"] == "layer-streamed" and e2e["bit_identical_check"].startswith("whole")
+    assert e2e["streamed_vs_whole_max_diff"] <= 1e-5
+
+
+def report_total():
+    return {"tensors": 0, "quantized": 0, "bytes_before": 0, "bytes_after": 0, "rel_fro_max": 0.0,
+            "rel_fro_mean": 0.0, "max_row_rel": 0.0}
+
+
+def test_end_to_end_check_streams_above_the_whole_model_limit(tiny_model_factory, tmp_path, monkeypatch):
+    from skywork_deploy import quantize_report
+
+    model_dir, out = tiny_model_factory("gqa", tokenizer=False), tmp_path / "q"
+    stage.quantize_model(model_dir, out, evaluate=False)
+    monkeypatch.setattr("skywork_deploy.modeling.load_model", lambda *a, **k: pytest.fail("whole model loaded"))
+    e2e = quantize_report.evaluate(model_dir, out, 8, False, whole_max_params=0)
+    assert e2e["bit_identical_to_in_memory"] is None and e2e["bit_identical_check"].startswith("not run")
+    assert e2e["positions"] == 4 * 12 and 0 < e2e["max_abs_diff"] < 0.1 and e2e["method"] == "layer-streamed"
+    assert "not checked" in quantize_report.format_table({"layers": [], "total": report_total(), "end_to_end": e2e})
 
 
 def test_sharded_input_small_chunks_and_shards(tiny_model_factory, tmp_path, monkeypatch):

@@ -27,16 +27,18 @@ from .common import emit_json, handle_errors, json_option, parse_int_list
 @click.option("--vamc", default=None, envvar="SKYWORK_DEPLOY_VAMC", help="vamc executable [env SKYWORK_DEPLOY_VAMC].")
 @click.option("--prompt", default=None, help="Prompt for the validation (and demo) answer.")
 @click.option("--force", is_flag=True, help="Redo every stage even when its inputs are unchanged.")
+@click.option("--allow-unvalidated", is_flag=True,
+              help="Exit 0 even when a validation was skipped for lack of memory (recorded as a warning).")
 @json_option
 @handle_errors
 def build(model, config_file, dtype, out, demo, calib_dataset, calib_source, nsamples, seqlen, int8_format,
-          export_seq_len, tp, seq_lens, vamc, prompt, force, as_json):
+          export_seq_len, tp, seq_lens, vamc, prompt, force, allow_unvalidated, as_json):
     """Run patch -> calib -> quantize -> export -> validate -> compile into one build folder.
 
     Each stage writes its own subfolder and manifest; a stage whose inputs and options are unchanged is
     skipped, an interrupted build resumes where it stopped. BUILD/manifest.json records versions, model
     identity, every artifact's sha256, each stage's time and peak memory, and the validation figures.
-    Exit code 0 only when every stage and every validation passed.
+    Exit code 0 only when every stage and every validation passed (see --allow-unvalidated).
 
     \b
     Examples:
@@ -63,7 +65,7 @@ def build(model, config_file, dtype, out, demo, calib_dataset, calib_source, nsa
                           ("run.prompt", prompt)):
         settings.override(dotted, value)
     echo = (lambda text: click.echo(text, err=True))
-    manifest = run_build(settings, force=force, echo=echo)
+    manifest = run_build(settings, force=force, echo=echo, allow_unvalidated=allow_unvalidated)
     if as_json:
         emit_json(manifest)
         return
@@ -80,7 +82,8 @@ def _print_summary(manifest):
         click.echo(f"{name:<10} {status:<8} {stage['seconds']:>8.1f} {stage['peak_rss_bytes'] / 2**30:>8.2f} GiB")
     for name, v in manifest["validation"].items():
         figures = ", ".join(f"{k}={v[k]}" for k in sorted(v) if k != "passed" and not isinstance(v[k], (dict, list)))
-        click.echo(f"validation {name}: {'passed' if v.get('passed') else 'FAILED'} {figures}")
+        status = "passed" if v.get("passed") else "SKIPPED (warning)" if v.get("skipped") else "FAILED"
+        click.echo(f"validation {name}: {status} {figures}")
     click.echo(f"Build folder: {Path(manifest['settings']['output']).resolve()} (manifest.json)")
 
 

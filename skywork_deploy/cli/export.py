@@ -26,7 +26,9 @@ def export(model, out, dtype, int8_format, seq_lens, no_simplify, overwrite, as_
     weights; the weights are streamed from the shards into one external data file shared by both graphs.
     ONNX Runtime is checked against the reference on a left-padded batch and 8 chained decode steps; the
     table is written to OUT/validation.json. On a mismatch OUT is not created and the bundle is kept in
-    OUT.failed for inspection.
+    OUT.failed for inspection. The reference is the whole fp32 model when it fits in memory, else a
+    layer-streamed one (SKYWORK_DEPLOY_REFERENCE=whole|streamed forces one); when not even one ONNX Runtime
+    session fits, validation is skipped with a warning (validation.json: "skipped").
 
     \b
     Examples:

@@ -13,8 +13,8 @@ from .common import emit_json, handle_errors, json_option
 @click.option("--bits", type=int, default=8, show_default=True, help="Weight bit width (8 only).")
 @click.option("--include-lm-head", is_flag=True, help="Quantize lm_head too (unties a tied embedding).")
 @click.option("--eval/--no-eval", "evaluate", default=None,
-              help="Compare logits of the quantized and original model on fixed prompts (loads the model "
-                   "in fp32; default: only up to 1B parameters).")
+              help="Compare logits of the quantized and original model on fixed prompts (layer-streamed "
+                   "in fp32, about one layer in memory; default: up to 10B parameters, as it takes time).")
 @click.option("--max-shard-size", default="1GB", show_default=True,
               help="Largest output shard (capped by the largest tensor, which bounds memory).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only after success).")
@@ -27,8 +27,8 @@ def quantize(model, out, bits, include_lm_head, evaluate, max_shard_size, overwr
     time and writes OUT: q/k/v/o/gate/up/down of every layer as int8 `<proj>.weight` plus fp32
     `<proj>.weight_scale`, everything else unchanged, config.json with a quantization_config block,
     tokenizer files, a manifest and quantize_report.json (weight errors and end-to-end logits).
-    Memory stays near the largest single tensor. `load_model(OUT)` computes what `quantize(8)` computes
-    in memory, bit for bit.
+    Memory stays near the largest single tensor (the end-to-end check: near one fp32 layer).
+    `load_model(OUT)` computes what `quantize(8)` computes in memory, bit for bit.
 
     \b
     Examples:

@@ -1,9 +1,17 @@
-"""ONNX Runtime against the torch reference: a left-padded batch, then chained decode steps.
+"""ONNX Runtime against a torch reference: a left-padded batch, prefill then chained decode steps.
 
-The reference is transformers' own Qwen2ForCausalLM (eager, fp32) for fp32 and fp16 bundles, and our model
-with `.quantize(8)` in fp32 (exact W8A16 arithmetic) for int8 bundles. ONNX Runtime runs the prefill graph,
-then `DECODE_STEPS` decode steps fed with its own present key/values; both sides get the same next token
-(the reference's argmax). Every check is collected into rows; the caller raises once.
+Teacher forcing makes the reference one pass: the `DECODE_STEPS` decode tokens are drawn in advance
+(seeded), the reference computes fp32 logits for prompt + decode tokens in one forward, and ONNX Runtime's
+prefill + decode steps (fed with its own present key/values) are compared with the reference's logits at
+the matching positions. Order, so that only one big thing is in memory at a time: the reference (then
+freed), then per ORT mode the prefill session (run, presents kept as NumPy, session freed), then the decode
+session. Every check is collected into rows; the caller raises once.
+
+References (fp32): transformers' Qwen2ForCausalLM (eager) for fp32/fp16 bundles and our model with
+`.quantize(8)` for int8, whole, when the fp32 model fits in `WHOLE_MAX_FRACTION` of the available memory;
+otherwise the layer-streamed reference (skywork_deploy/reference.py, same math as ours, about one layer in
+memory). `SKYWORK_DEPLOY_REFERENCE=whole|streamed` forces one. An ORT mode whose estimated session memory
+does not fit in `ORT_MAX_FRACTION` of the available memory is skipped and reported as skipped.
 
 Tolerances (logits):
 - fp32 and exact int8: max |diff| <= 1e-4 and the same top-1 token.
@@ -12,8 +20,13 @@ Tolerances (logits):
   reference's top-1/top-2 gap exceeds that tolerance (random models have near-flat logits).
 - int8 with ORT's default MatMulNBits fusion (int8 activations): reported, not gated.
 """
+import gc
+import logging
+import os
+
 import numpy as np
 
+log = logging.getLogger(__name__)
 DECODE_STEPS = 8
 PROMPT_LEN = 12
 PAD = 5  # left padding of the second row
@@ -21,15 +34,27 @@ SEED = 1234
 FAST = {}
 EXACT = {"session.qdq_matmulnbits_accuracy_level": "0"}
 UNFUSED = {"session.disable_quant_qdq": "1"}
+REFERENCE_ENV = "SKYWORK_DEPLOY_REFERENCE"
+REFERENCES = ("auto", "whole", "streamed")
+WHOLE_MAX_FRACTION = 0.4  # whole fp32 reference only while its weights take at most this share of free RAM
+ORT_MAX_FRACTION = 0.8  # an ORT session is tried only while its estimated bytes fit in this share
+# Prepacking copies every MatMul weight into anonymous memory (3.8 GiB of 4.1 GB for a 7B-shaped 2-layer
+# fp32 prefill, 5.9 GiB peak while creating); without it the weights stay in ORT's read-only mapping of the
+# external data file: file-backed pages the kernel can reclaim (benchmarks/results/ort_session_memory.json).
+# Float graphs only: without prepacking MatMulNBits computes exactly, which would hide the int8 fast path.
+LOW_MEMORY_SESSION = {"session.disable_prepacking": "1"}
 
 
 def make_inputs(vocab, seq_len):
+    """Prompt (2, seq_len) with the second row left-padded, its mask, and the forced decode tokens (2, steps)."""
     rng = np.random.default_rng(SEED)
-    ids = rng.integers(0, min(vocab, 151643), size=(2, seq_len), dtype=np.int64)
+    top = min(vocab, 151643)
+    ids = rng.integers(0, top, size=(2, seq_len), dtype=np.int64)
+    forced = rng.integers(0, top, size=(2, DECODE_STEPS), dtype=np.int64)
     mask = np.ones((2, seq_len), dtype=np.int64)
     mask[1, :PAD] = 0
     ids[1, :PAD] = 0
-    return ids, mask
+    return ids, mask, forced
 
 
 def positions(mask):
@@ -42,31 +67,148 @@ def tolerance(kind, ref):
     return 1e-4
 
 
-class TorchReference:
-    def __init__(self, folder, int8):
-        from ..modeling import load_model, load_reference
+def available_bytes():
+    import psutil
 
-        self.ours = int8
-        if int8:
-            self.model = load_model(folder, "fp32", insert_slice=True)
-            if not self.model.config.vacc_quantization:
-                self.model.quantize(8)
-        else:
-            self.model = load_reference(folder, "fp32")
-        self.past = None
+    return psutil.virtual_memory().available
 
-    def step(self, ids, mask):
-        import torch
 
-        pos = positions(mask)[:, -ids.shape[1]:]
-        kwargs = {"attention_mask": torch.tensor(mask), "position_ids": torch.tensor(pos),
-                  "past_key_values": self.past, "use_cache": True}
-        if self.ours:
-            kwargs["iter_num"] = 0 if self.past is None else 1
-        with torch.no_grad():
-            out = self.model(torch.tensor(ids), **kwargs)
-        self.past = out.past_key_values
-        return out.logits[:, -1, :].float().numpy()
+def choose_reference(fp32_bytes, available=None):
+    """("whole" | "streamed", why): the environment override, else whether the fp32 model fits the budget."""
+    forced = os.environ.get(REFERENCE_ENV, "auto").strip().lower() or "auto"
+    if forced not in REFERENCES:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{REFERENCE_ENV}={forced}: choose one of {', '.join(REFERENCES)}")
+    if forced != "auto":
+        return forced, f"{REFERENCE_ENV}={forced}"
+    available = available_bytes() if available is None else available
+    budget = int(available * WHOLE_MAX_FRACTION)
+    if fp32_bytes <= budget:
+        return "whole", f"fp32 weights {fp32_bytes / 2**30:.2f} GiB <= {WHOLE_MAX_FRACTION:.0%} of available"
+    return "streamed", (f"fp32 weights {fp32_bytes / 2**30:.2f} GiB > {WHOLE_MAX_FRACTION:.0%} of available "
+                        f"{available / 2**30:.2f} GiB")
+
+
+def reference_logits(folder, int8, vocab, seq_len, how):
+    """Reference fp32 logits (2, V) at the prefill's last position and after each forced decode token."""
+    ids, mask, forced = make_inputs(vocab, seq_len)
+    full_ids = np.concatenate([ids, forced], axis=1)  # (2, S + steps)
+    full_mask = np.concatenate([mask, np.ones_like(forced)], axis=1)
+    full_pos = positions(full_mask)
+    if how == "streamed":
+        from ..reference import streamed_logits
+        from ..spec import read_config
+
+        quantized = bool(read_config(folder).get("quantization_config"))
+        logits = streamed_logits(folder, [(full_ids, full_mask, full_pos)], last=DECODE_STEPS + 1,
+                                 quantize_bits=8 if int8 and not quantized else None)[0]
+    else:
+        logits = _whole_logits(folder, int8, full_ids, full_mask, full_pos)[:, seq_len - 1:]
+    logits = logits.numpy()  # (2, 1 + steps, V)
+    return [logits[:, i, :] for i in range(DECODE_STEPS + 1)]
+
+
+def _whole_logits(folder, int8, ids, mask, pos):
+    import torch
+
+    from ..modeling import load_model, load_reference
+
+    if int8:
+        model = load_model(folder, "fp32", insert_slice=False)
+        if not model.config.vacc_quantization:
+            model.quantize(8)
+        extra = {"iter_num": 0}
+    else:
+        model = load_reference(folder, "fp32")
+        extra = {}
+    with torch.no_grad():
+        out = model(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos),
+                    use_cache=False, **extra).logits.float()  # (2, S, V)
+    del model
+    gc.collect()
+    return out
+
+
+def session_estimate(data_bytes, weights, options, int8):
+    """Rough peak bytes of one ORT CPU session on external data; `weights` from `weight_bytes(proto)`.
+
+    Measured on 7B-shaped graphs (benchmarks/results/ort_session_memory.json, export_validation.json): ORT
+    maps the external data file read-only (file-backed pages). Float graphs run here without prepacking, so a
+    run touches the whole mapping and nothing else. int8 graphs keep prepacking, as the runtime does: ORT
+    copies the float MatMul weights (prepacked; mapped pages and copy coexist while it packs, hence 2x) and
+    the int8 weights (packed for MatMulNBits, or folded to fp32, 4x, by `session.disable_quant_qdq`) into its
+    own memory. 7B-shaped 2-layer int8 prefill: 4.64 GiB peak (estimate 5.2), unfused 5.88 (6.6).
+    """
+    if not int8:
+        need = data_bytes
+    else:
+        need = 2 * weights["matmul_float"] + weights["int8"] * (4 if options is UNFUSED else 1)
+    return int(need * 1.1) + (256 << 20)
+
+
+def ort_fits(data_bytes, weights, options, int8, available=None):
+    """None when a session should fit, else the reason to skip it."""
+    need = session_estimate(data_bytes, weights, options, int8)
+    available = available_bytes() if available is None else available
+    if need <= available * ORT_MAX_FRACTION:
+        return None
+    return (f"an ONNX Runtime session needs about {need / 2**30:.1f} GiB, more than {ORT_MAX_FRACTION:.0%} of "
+            f"the {available / 2**30:.1f} GiB available")
+
+
+def weight_bytes(proto):
+    """{"int8": bytes of int8 initializers, "matmul_float": bytes of float initializers read by MatMul/Gemm}."""
+    import onnx
+
+    matmul_inputs = {name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") for name in n.input}
+    out = {"int8": 0, "matmul_float": 0}
+    for t in proto.graph.initializer:
+        size = int(next((e.value for e in t.external_data if e.key == "length"), 0) or len(t.raw_data))
+        if t.data_type == onnx.TensorProto.INT8:
+            out["int8"] += size
+        elif t.name in matmul_inputs:
+            out["matmul_float"] += size
+    return out
+
+
+def _session(path, options, low_memory):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.enable_cpu_mem_arena = False  # activations freed after each run, not kept in a growing arena
+    for key, value in {**(LOW_MEMORY_SESSION if low_memory else {}), **options}.items():
+        so.add_session_config_entry(key, value)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def run_chain(prefill_path, decode_path, num_layers, vocab, seq_len, options, float_np, low_memory=True):
+    """ORT logits per step: prefill, then DECODE_STEPS decodes of the forced tokens with its own presents.
+
+    One session at a time: the prefill session is freed (its presents kept as NumPy) before the decode one.
+    """
+    ids, mask, forced = make_inputs(vocab, seq_len)
+    session = _session(prefill_path, options, low_memory)
+    out = session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)})
+    del session  # freed here (reference counting): one session at a time
+    logits, nonfinite = [out[0][:, -1, :]], [not all(np.isfinite(t).all() for t in out)]
+    past = [t.astype(float_np) for t in out[1:]]
+    del out
+    session = _session(decode_path, options, low_memory)
+    for step in range(DECODE_STEPS):
+        mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+        feed = {"input_ids": forced[:, step:step + 1], "attention_mask": mask,
+                "position_ids": positions(mask)[:, -1:]}
+        for i in range(num_layers):
+            feed[f"past_key_values.{i}.key"] = past[2 * i]
+            feed[f"past_key_values.{i}.value"] = past[2 * i + 1]
+        out = session.run(None, feed)
+        logits.append(out[0][:, -1, :])
+        nonfinite.append(not all(np.isfinite(t).all() for t in out))
+        past = [t.astype(float_np) for t in out[1:]]
+    del session
+    return logits, nonfinite
 
 
 def _metrics(ort_logits, ref, kind):
@@ -96,44 +238,6 @@ def _ok(m, kind):
     if kind == "fp16":
         return m["cosine"] >= 0.999 and m["kl"] <= 1e-3
     return True
-
-
-def run_chain(prefill_path, decode_path, reference_steps, num_layers, vocab, seq_len, options, float_np):
-    """ORT logits per step: prefill then DECODE_STEPS decodes with its own presents; tokens from the reference."""
-    import onnxruntime as ort
-
-    sessions = []
-    for path in (prefill_path, decode_path):
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        for key, value in options.items():
-            so.add_session_config_entry(key, value)
-        sessions.append(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]))
-    ids, mask = make_inputs(vocab, seq_len)
-    out = sessions[0].run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)})
-    logits, nonfinite = [out[0][:, -1, :]], [not all(np.isfinite(t).all() for t in out)]
-    for step in range(DECODE_STEPS):
-        nxt = reference_steps[step].argmax(-1)[:, None].astype(np.int64)
-        mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
-        feed = {"input_ids": nxt, "attention_mask": mask, "position_ids": positions(mask)[:, -1:]}
-        for i in range(num_layers):
-            feed[f"past_key_values.{i}.key"] = out[1 + 2 * i].astype(float_np)
-            feed[f"past_key_values.{i}.value"] = out[2 + 2 * i].astype(float_np)
-        out = sessions[1].run(None, feed)
-        logits.append(out[0][:, -1, :])
-        nonfinite.append(not all(np.isfinite(t).all() for t in out))
-    return logits, nonfinite
-
-
-def reference_chain(folder, int8, vocab, seq_len):
-    ref = TorchReference(folder, int8)
-    ids, mask = make_inputs(vocab, seq_len)
-    steps = [ref.step(ids, mask)]
-    for _ in range(DECODE_STEPS):
-        nxt = steps[-1].argmax(-1)[:, None].astype(np.int64)
-        mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
-        steps.append(ref.step(nxt, mask))
-    return steps
 
 
 def compare(mode, kind, gated, ort_steps, nonfinite, ref_steps):

@@ -1,11 +1,13 @@
 """Initializers streamed from the safetensors shards into one external data file shared by both graphs.
 
-Each graph input that is a parameter gets a recipe: the checkpoint tensor it comes from, whether it is stored
-transposed, and its ONNX element type (float32, float16, or int8 / float32 scale for quantized projections,
-quantized on the fly from float weights when the folder is not quantized yet). Tensors are read one at a
-time with plain file reads (no mmap, so the shards never count in this process's RSS), converted, and
-appended to `model.onnx.data`; a transposed tensor is converted in column blocks. Peak memory is about one
-source tensor plus one block, whatever the number of layers.
+Each graph input that is a parameter gets a recipe: the checkpoint tensor it comes from (or a tuple of them,
+concatenated along the output channels, for projections fused by fuse.py), whether it is stored transposed,
+and its ONNX element type (float32, float16, or int8 / float32 scale for quantized projections, quantized on
+the fly from float weights when the folder is not quantized yet). Tensors are read one at a time with plain
+file reads (no mmap, so the shards never count in this process's RSS), converted, and appended to
+`model.onnx.data`; a transposed tensor is converted in column blocks (for a fused recipe, each block is the
+parts' blocks side by side). Peak memory is about one source tensor (one fused group) plus one block,
+whatever the number of layers.
 """
 import json
 import struct
@@ -121,15 +123,23 @@ def estimate_bytes(specs):
 
 
 class _Source:
-    """Produces each recipe's tensor (as stored, before any transpose), quantizing float weights on demand."""
+    """Produces each recipe's tensors (as stored, before any transpose), quantizing float weights on demand."""
 
     def __init__(self, checkpoint):
         self.ckpt = checkpoint
         self.scales = {}
 
-    def tensor(self, state, elem):
+    def parts(self, recipe, elem):
+        """[tensor]: one per state name of the recipe (a name, or a tuple of names to concatenate)."""
         import torch
 
+        names = recipe if isinstance(recipe, tuple) else (recipe,)
+        parts = [self.tensor(name, elem) for name in names]
+        if len(parts) > 1 and parts[0].dim() == 1:  # fused scales or biases: small, concatenate here
+            return [torch.cat([p.to(parts[0].dtype) for p in parts])]
+        return parts
+
+    def tensor(self, state, elem):
         from ..source_code.quantization_vacc import quantize_per_channel
 
         if state.endswith(".weight_scale") and state not in self.ckpt:
@@ -143,6 +153,38 @@ class _Source:
             self.scales[state] = scale
             return q
         return t  # converted block by block while writing
+
+
+def _recipe_key(recipe):
+    """Sort key: quantized weights before their scales, so each scale comes from the cache."""
+    first = recipe[0] if isinstance(recipe, tuple) else recipe
+    return first.replace("_scale", ""), first.endswith("_scale")
+
+
+def _source_shape(parts):
+    """Shape of the parts concatenated along dim 0 (output channels)."""
+    if parts[0].dim() == 0:
+        return []
+    return [sum(p.shape[0] for p in parts)] + list(parts[0].shape[1:])
+
+
+def _write_parts(fh, parts, dtype, transposed):
+    """Append the parts, concatenated along dim 0 (transposed: stored as the transpose of that), to `fh`."""
+    import torch
+
+    if transposed:  # column blocks of the sources become row blocks of the stored tensor
+        step = max(1, BLOCK_BYTES // max(1, sum(p.shape[0] for p in parts) * 4))
+        for c in range(0, parts[0].shape[1], step):
+            block = torch.cat([p[:, c:c + step].to(dtype) for p in parts], dim=0)  # (sum out, step)
+            fh.write(block.t().contiguous().numpy().tobytes())
+        return
+    for t in parts:  # concatenation along dim 0 is consecutive bytes
+        if t.dim() >= 2:
+            step = max(1, BLOCK_BYTES // max(1, t[0].numel() * 4))
+            for r in range(0, t.shape[0], step):
+                fh.write(t[r:r + step].to(dtype).contiguous().numpy().tobytes())
+        else:
+            fh.write(t.to(dtype).contiguous().numpy().tobytes())
 
 
 def _torch_dtype(elem):
@@ -165,33 +207,24 @@ def write_initializers(folder, protos, params_list, data_path):
                 raise ModelFormatError(f"{name}: prefill and decode disagree on this weight (internal error)")
             specs[name] = spec
     source = _Source(Checkpoint(folder))
-    # quantized weights before their scales, so each scale comes from the cache
-    order = sorted(specs, key=lambda n: (specs[n][0].replace("_scale", ""), specs[n][0].endswith("_scale")))
+    order = sorted(specs, key=lambda n: _recipe_key(specs[n][0]))
     locations = {}
     with open(data_path, "wb") as fh:
         for name in order:
-            state, transposed, elem, shape = specs[name]
-            t = source.tensor(state, elem)
+            recipe, transposed, elem, shape = specs[name]
+            parts = source.parts(recipe, elem)
             expect = shape[::-1] if transposed else shape
-            if list(t.shape) != expect:
-                raise ModelFormatError(f"tensor {state}: shape {list(t.shape)} in the checkpoint, the config "
-                                       f"implies {expect} (config.json and the shards disagree)")
-            dtype = _torch_dtype(elem)
-            pad = (-fh.tell()) % (ALIGN if t.numel() * t.element_size() >= ALIGN else 64)
+            if _source_shape(parts) != expect or any(list(p.shape[1:]) != expect[1:] for p in parts):
+                raise ModelFormatError(f"tensor {recipe}: shape {[list(p.shape) for p in parts]} in the "
+                                       f"checkpoint, the config implies {expect} (config.json and the shards "
+                                       "disagree)")
+            size = sum(p.numel() * p.element_size() for p in parts)
+            pad = (-fh.tell()) % (ALIGN if size >= ALIGN else 64)
             fh.write(b"\0" * pad)
             offset = fh.tell()
-            if transposed:  # column blocks of the source become row blocks of the stored tensor
-                step = max(1, BLOCK_BYTES // max(1, t.shape[0] * 4))
-                for c in range(0, t.shape[1], step):
-                    fh.write(t[:, c:c + step].t().to(dtype).contiguous().numpy().tobytes())
-            elif t.dim() >= 2:
-                step = max(1, BLOCK_BYTES // max(1, t[0].numel() * 4))
-                for r in range(0, t.shape[0], step):
-                    fh.write(t[r:r + step].to(dtype).contiguous().numpy().tobytes())
-            else:
-                fh.write(t.to(dtype).contiguous().numpy().tobytes())
+            _write_parts(fh, parts, _torch_dtype(elem), transposed)
             locations[name] = (elem, shape, offset, fh.tell() - offset)
-            del t
+            del parts
         size = fh.tell()
     for proto in protos:
         _attach(proto, locations, data_path.name)

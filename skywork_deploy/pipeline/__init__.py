@@ -24,10 +24,11 @@ def default_output(settings):
     return f"build-{Path(str(settings.model)).name}-{settings.dtype}"
 
 
-def run_build(settings, force=False, echo=None):
+def run_build(settings, force=False, echo=None, allow_unvalidated=False):
     """Run every stage of `settings` (a checked BuildSettings). Returns the build manifest (a dict).
 
-    Raises ValidationError after writing the manifest when a validation did not pass.
+    Raises ValidationError after writing the manifest when a validation did not pass. A validation skipped
+    for lack of memory is not a pass either, unless `allow_unvalidated` accepts it (it stays in the manifest).
     """
     from ..fsutil import write_text
     from ..patch import resolve_model
@@ -48,12 +49,17 @@ def run_build(settings, force=False, echo=None):
     for name, upstream, options, fn in stages.plan(settings, model, build_dir):
         runner.run(name, options, upstream, fn, inputs_identity=identity["fingerprint"])
     validation = stages.summarize_validation(runner.results)
-    passed = all(v.get("passed", False) for v in validation.values())
+    failed = [name for name, v in validation.items() if not (v.get("passed") or v.get("skipped"))]
+    skipped = [name for name, v in validation.items() if v.get("skipped")]
+    passed = not failed and (allow_unvalidated or not skipped)
     manifest = write_build_manifest(build_dir, settings, identity, runner, validation, passed)
-    if not passed:
-        failed = [name for name, v in validation.items() if not v.get("passed")]
+    if failed:
         raise ValidationError(f"{build_dir / 'manifest.json'}: validation failed in {', '.join(failed)} "
                               "(see the table above and the stage's validation.json)")
+    if skipped and not allow_unvalidated:
+        raise ValidationError(f"{build_dir / 'manifest.json'}: validation of {', '.join(skipped)} was skipped "
+                              f"({validation[skipped[0]]['skipped']}); rerun on a machine with more memory, or "
+                              "pass --allow-unvalidated to accept the artifacts without it")
     return manifest
 
 

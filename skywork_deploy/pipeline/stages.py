@@ -79,26 +79,46 @@ def _validate(r, export_dir, out):
     export_validation = json.loads((export_dir / "validation.json").read_text())
     bundle = open_bundle(export_dir)
     tokenizer = load_tokenizer(bundle)
-    runs = {}
-    runnable = bundle.manifest.get("runnable_on_onnxruntime", True)
-    for backend in (["onnxruntime"] if runnable else []) + ["torch"]:
+    runs, notes = {}, []
+    skipped = export_validation.get("skipped")  # ORT would not fit in memory: no ORT smoke run either
+    runnable = bundle.manifest.get("runnable_on_onnxruntime", True) and not skipped
+    backends = ["onnxruntime"] if runnable else []
+    torch_note = _torch_smoke_skip(bundle)
+    if torch_note:
+        notes.append(torch_note)
+        log.warning("smoke run: %s", torch_note)
+    else:
+        backends.append("torch")
+    for backend in backends:
         gen = generate_text(make_backend(backend, bundle), tokenizer, [r.prompt], max_new_tokens=r.max_new_tokens)
         runs[backend] = {"tokens": gen["outputs"][0]["tokens"], "text": gen["outputs"][0]["text"],
                          "decode_tokens_per_s": gen["timing"]["decode_tokens_per_s"]}
-    smoke = {"prompt": r.prompt, "runs": runs}
+    smoke = {"prompt": r.prompt, "runs": runs, **({"notes": notes} if notes else {})}
     if len(runs) == 2:
         a, b = runs["onnxruntime"]["tokens"], runs["torch"]["tokens"]
         same = sum(x == y for x, y in zip(a, b))
         smoke["token_agreement"] = same / max(len(a), len(b), 1)
         smoke["first_divergence"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
     result = {"export": _validation_summary(export_validation), "smoke": smoke,
-              "passed": bool(export_validation.get("passed", False))}
+              "passed": None if skipped else bool(export_validation.get("passed", False))}
+    if skipped:
+        result["skipped"] = skipped
+        log.warning("export validation was skipped: %s", skipped)
     write_json(out / "validation.json", result)
     return result
 
 
+def _torch_smoke_skip(bundle):
+    """Why the torch smoke run (the whole model in memory) is skipped, or None when it fits."""
+    from ..export.validate import choose_reference
+    from ..reference import fp32_model_bytes
+
+    how, why = choose_reference(fp32_model_bytes(bundle.source_model()))
+    return None if how == "whole" else f"torch run skipped (the whole model would not fit: {why})"
+
+
 def _validation_summary(v):
-    keep = ("passed", "dtype", "checks", "summary", "tolerances")
+    keep = ("passed", "skipped", "reference_kind", "dtype", "checks", "summary", "tolerances")
     return {k: v[k] for k in keep if k in v} or v
 
 
@@ -126,14 +146,21 @@ def _compile(cs, dtype, patched, calib_dir, out):
 
 
 def summarize_validation(results):
-    """{stage: {"passed": bool, ...figures}} for the stages that validate something."""
+    """{stage: {"passed": bool, ...figures}} for the stages that validate something.
+
+    A validation skipped for lack of memory has `passed: None`, `skipped` and `warning`: the build does not
+    fail on it, but prints and records it as not validated.
+    """
     out = {}
     if "quantize" in results:
         e2e = (results["quantize"].get("result") or {}).get("end_to_end") or {}
         out["quantize"] = {"passed": True, **{k: v for k, v in e2e.items() if not isinstance(v, (list, dict))}}
     if "validate" in results:
         res = results["validate"].get("result") or {}
-        out["export"] = {"passed": bool(res.get("passed")), **(res.get("export") or {})}
+        out["export"] = {**(res.get("export") or {}), "passed": bool(res.get("passed"))}
+        if res.get("skipped"):  # not a pass: a warning the build prints and records
+            out["export"].update(passed=None, skipped=res["skipped"],
+                                 warning=f"ONNX Runtime validation skipped: {res['skipped']}")
         smoke = res.get("smoke") or {}
         if "token_agreement" in smoke:
             out["export"]["smoke_token_agreement"] = smoke["token_agreement"]
