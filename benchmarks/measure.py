@@ -113,9 +113,16 @@ def _kill_tree(ps):
 
 
 def last_json_line(text):
-    """The last line of `text` that parses as a JSON object (workers print their result last)."""
+    """The JSON object `text` is (the CLI's indented `--json`), else its last line that parses as one
+    (workers print their result last)."""
     import json
 
+    try:
+        whole = json.loads(text)
+        if isinstance(whole, dict):
+            return whole
+    except ValueError:
+        pass
     for line in reversed(text.strip().splitlines()):
         line = line.strip()
         if line.startswith("{"):

@@ -127,11 +127,14 @@ def goals(data):
             ratio = peak / stats["fp32_weight_bytes"]
             net = (peak - data["overhead_bytes"]) / stats["fp32_weight_bytes"]
             alone = exp[0]["export"].get("export_only_peak_rss_bytes")
-            alone = f", {alone / stats['fp32_weight_bytes']:.2f}x before validation" if alone else ""
+            # The goal is the export's (trace + weight streaming), as the peers' figures are; the whole
+            # command adds our built-in validation (fp32 transformers reference when it fits in memory).
+            judged = alone / stats["fp32_weight_bytes"] if alone else ratio
+            what = (f"{judged:.2f}x before validation, {ratio:.2f}x whole command with validation" if alone
+                    else f"{ratio:.2f}x (whole command, with validation)")
             out.append((f"export peak RSS <= {EXPORT_GOAL}x fp32 weight bytes", case,
-                        f"{ratio:.2f}x (whole command, with validation){alone}, {net:.2f}x net of the library "
-                        "overhead "
-                        + ("(met)" if ratio <= EXPORT_GOAL else f"(missed: {ratio / EXPORT_GOAL:.1f}x the goal)")))
+                        f"{what}, {net:.2f}x net of the library overhead "
+                        + ("(met)" if judged <= EXPORT_GOAL else f"(missed: {judged / EXPORT_GOAL:.1f}x the goal)")))
     for q in data.get("quantize", []):
         stats = data["cases"][q["case"]]
         if q["ours"]["rc"] != 0:
@@ -173,7 +176,8 @@ def markdown(data, notes=None):
                                       for k, v in data.get("versions", {}).items()) + ".",
              "", "Columns: export = Optimum's `optimum-cli export onnx`, GenAI's model builder, our "
              "`skywork-deploy export`; peak RSS of the whole process tree. `bound tok/s` = memory bandwidth / "
-             "weight bytes read per token (lm_head counted in fp32, except in rows marked 'lm_head int8'). Fidelity: logits of a fixed 32-token prompt "
+             "weight bytes read per token (our int8 keeps lm_head in fp32 except in rows marked 'lm_head int8'; GenAI's int8 "
+             "and int4 quantize every MatMul including lm_head, in blocks of 32 with fp32 scales). Fidelity: logits of a fixed 32-token prompt "
              "(every position) against transformers eager fp32: max |diff|, minimum cosine, top-1 agreement, "
              "mean KL(ref || row). Random-init models have flat logits, so top-1 under quantization looks worse "
              "than it would on a trained model.", ""]

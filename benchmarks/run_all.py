@@ -60,6 +60,13 @@ def make_checkpoint(folder, preset, layers):
 def weight_stats(folder):
     """Parameter counts and the bytes a decode step reads, per dtype (lm_head kept in fp32 for int8/int4)."""
     cfg = json.loads((Path(folder) / "config.json").read_text())
+    stats = config_stats(cfg)
+    stats["bf16_checkpoint_bytes"] = folder_bytes(folder)
+    return stats
+
+
+def config_stats(cfg):
+    """weight_stats from a config.json dict alone (no checkpoint needed)."""
     h, i, v, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     d = h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
@@ -71,8 +78,10 @@ def weight_stats(folder):
     largest = max(embed, h * i)
     per_token = {"fp32": 4 * (proj + small + embed), "int8": proj + 4 * (small + embed),
                  "int4": proj // 2 + 4 * (small + embed),
-                 "int8_lm_head": proj + embed + 4 * small + 4 * v}  # int8 lm_head, fp32 scales
-    return {"parameters": params, "fp32_weight_bytes": 4 * params, "bf16_checkpoint_bytes": folder_bytes(folder),
+                 "int8_lm_head": proj + embed + 4 * small + 4 * v,  # int8 lm_head, fp32 scales
+                 # GenAI's int8/int4: every MatMul including lm_head in blocks of 32, one fp32 scale per block
+                 "int8_b32": (proj + embed) * 9 // 8 + 4 * small, "int4_b32": (proj + embed) * 5 // 8 + 4 * small}
+    return {"parameters": params, "fp32_weight_bytes": 4 * params,
             "largest_tensor_bf16_bytes": 2 * largest, "bytes_per_token": per_token, "layers": n, "tied": tied}
 
 
@@ -130,7 +139,8 @@ def run_peers(case, ckpt, work, logits_dir, args):
             if exp["rc"] == 0 and not args.exports_only:
                 log(f"{case}: genai decode {precision}")
                 run = peers.run_worker("genai", out, logits_dir / f"genai-{precision}.npy", **common)
-            rows.append(speed_row(case, "ORT GenAI (generator)", precision, run, exp))
+            rows.append(speed_row(case, "ORT GenAI (generator)", precision, run, exp,
+                                  weights={"int8": "int8_b32", "int4": "int4_b32"}.get(precision)))
             shutil.rmtree(out, ignore_errors=True)
     elif "genai" in args.peers:
         log("genai venv missing: run `bash benchmarks/setup_peers.sh`")

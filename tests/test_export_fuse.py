@@ -110,7 +110,11 @@ def test_int8_lm_head_of_a_tied_model_quantize_export_run(tiny_model_factory, tm
                                   np.concatenate([ckpt[p + f"{n}_proj.weight"] for n in "qkv"]).T)
     np.testing.assert_array_equal(inits[f"m.{p}q_proj+k_proj+v_proj.weight_scale"],
                                   np.concatenate([ckpt[p + f"{n}_proj.weight_scale"] for n in "qkv"]))
+    # the traced `bias.to(x.dtype)` Casts are dropped, so the three bias Adds fuse into one before the Split
+    np.testing.assert_array_equal(inits[f"m.{p}q_proj+k_proj+v_proj.bias"],
+                                  np.concatenate([ckpt[p + f"{n}_proj.bias"] for n in "qkv"]))
     ops = [n.op_type for n in proto.graph.node]
+    assert "Cast" not in ops[ops.index("DequantizeLinear"):]
     assert ops.count("DequantizeLinear") == 4 * LAYERS + 1  # qkv, o, gate+up, down per layer; lm_head
     assert {o.domain for o in proto.opset_import} == {""}  # no custom op: ONNX Runtime runs it
     for accuracy in ("exact", "fast"):

@@ -18,6 +18,8 @@ vendor's contract).
 import onnx
 from onnx import helper
 
+from .int8 import _drop_unused_inputs, _replace_nodes
+
 FUSED_JOIN = "+"
 
 
@@ -93,8 +95,9 @@ def fuse_projections(proto, params):
     recipe is the tuple of the parts' recipes (concatenated along the output channels). Returns the number
     of groups fused.
     """
-    producers, consumers = _index(proto)
     inputs = {v.name: v for v in proto.graph.input}
+    _drop_identity_casts(proto, params, inputs)
+    producers, consumers = _index(proto)
     groups = {}
     for node in proto.graph.node:
         if node.op_type != "MatMul":
@@ -118,16 +121,32 @@ def fuse_projections(proto, params):
             nodes += placed[id(node)]
         if id(node) not in replaced:
             nodes.append(node)
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    used = {i for n in nodes for i in n.input}
-    keep = [v for v in proto.graph.input if v.name in used or v.name not in params]
-    for v in proto.graph.input:
-        if v.name not in used and v.name in params:
-            del params[v.name]
-    del proto.graph.input[:]
-    proto.graph.input.extend(keep)
+    _replace_nodes(proto, nodes)
+    _drop_unused_inputs(proto, params)
     return len(placed)
+
+
+def _drop_identity_casts(proto, params, inputs):
+    """Remove Cast(parameter) to the parameter's own type (int8 layers trace `bias.to(x.dtype)`), so that the
+    bias Adds of a fused group see their parameters directly."""
+    rename, nodes = {}, []
+    for node in proto.graph.node:
+        src = node.input[0] if node.input else None
+        if node.op_type == "Cast" and src in params and src in inputs \
+                and _attr(node, "to") == inputs[src].type.tensor_type.elem_type:
+            rename[node.output[0]] = src
+            continue
+        nodes.append(node)
+    if not rename:
+        return
+    graph_outputs = {o.name for o in proto.graph.output}
+    if graph_outputs & rename.keys():
+        return
+    for node in nodes:
+        for k, name in enumerate(node.input):
+            if name in rename:
+                node.input[k] = rename[name]
+    _replace_nodes(proto, nodes)
 
 
 def _add_param(proto, params, inputs, names, elem, dims, transposed):
