@@ -7,11 +7,12 @@ tensor at a time. q/k/v/o/gate/up/down of every decoder layer (and lm_head when 
 `skywork_deploy.modeling.load_model` and computes exactly what `model.quantize(8)` computes in memory.
 
 Memory stays near the largest single tensor:
-- a copied tensor is the source file's memory map (zero copy) until its shard is written;
+- a copied tensor is read whole and written at once;
 - a quantized tensor is read in row chunks, each from a freshly opened file, so the source pages of a
   chunk are unmapped once the chunk is quantized (per-row math: chunking gives the same bits);
-- the write buffer is flushed into a shard before it would exceed the shard size, and the shard size is
-  capped by the largest output tensor (at most `max_shard_bytes`, default 1 GB).
+- shards are laid out before anything is written (consecutive tensors up to the shard size: the largest
+  output tensor, at most `max_shard_bytes`, default 1 GB), so each shard's safetensors header goes first
+  and every tensor is written the moment it is produced: no shard-sized buffer.
 """
 import json
 import logging
@@ -23,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, InputError, ModelFormatError
+from .errors import ConfigError, DeployError, InputError, ModelFormatError
 from .fsutil import atomic_output_dir, peak_rss_bytes, sha256_file, write_json, write_text
 from .manifest import MANIFEST_NAME, write_manifest
 from .spec import ModelSpec, checkpoint_files, read_config, read_safetensors_header
@@ -45,6 +46,8 @@ PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_att
                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 FLOAT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
+DTYPE_BYTES_ALL = {**DTYPE_BYTES, "I8": 1}
+TORCH_DTYPE_CODES = {"torch.bfloat16": "BF16", "torch.float16": "F16", "torch.float32": "F32", "torch.int8": "I8"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -200,7 +203,7 @@ def _read_rows(item, start, stop):
 
 
 def _copy_tensor(item):
-    """The whole source tensor, memory-mapped from its file (pages load when the shard is written)."""
+    """The whole source tensor (written out at once, then dropped)."""
     with _safe_open(item.file) as fh:
         return fh.get_tensor(item.name)
 
@@ -230,45 +233,84 @@ def _quantize_tensor(item, bits, error):
     return q, scale
 
 
+def _entries(item):
+    """(output name, safetensors dtype, shape) of the tensors one plan writes, in writing order."""
+    if item.quantize:
+        rows, cols = item.shape
+        return [(item.out_name, "I8", (rows, cols)), (item.out_name + "_scale", "F32", (rows,))]
+    return [(item.out_name, item.dtype, tuple(item.shape))]
+
+
+def shard_groups(plans, shard_bytes):
+    """Consecutive runs of plans whose output fits in `shard_bytes` (a bigger tensor gets a shard alone)."""
+    groups, size = [], 0
+    for item in plans:
+        if not groups or (groups[-1] and size + item.out_bytes > shard_bytes):
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += item.out_bytes
+    return groups
+
+
 class ShardWriter:
-    """Buffers output tensors and writes a shard with safetensors' save_file before the buffer overflows."""
+    """Writes safetensors shards whose layout is planned up front: the header first, then every tensor the
+    moment it is produced, so nothing but the tensor in hand is held in memory (no shard-sized buffer)."""
 
-    def __init__(self, folder, shard_bytes):
-        self.folder, self.shard_bytes = Path(folder), shard_bytes
-        self.buffer, self.buffered, self.shards = {}, 0, []  # shards: [(temp path, names, bytes)]
+    def __init__(self, folder, groups):
+        self.folder = Path(folder)
+        self.layouts = [[e for item in group for e in _entries(item)] for group in groups]
+        self.names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
+        self.sizes, self.weight_map = {}, {}
+        self.shard, self.fh, self.pending = -1, None, []
 
-    def reserve(self, nbytes):
-        """Call before materialising `nbytes` of output: flushes first if they would not fit."""
-        if self.buffer and self.buffered + nbytes > self.shard_bytes:
-            self.flush()
+    def _open_next(self):
+        self._close()
+        self.shard += 1
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, dtype, shape in self.layouts[self.shard]:
+            n = DTYPE_BYTES_ALL[dtype]
+            for d in shape:
+                n *= d
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors' own writer does
+        path = self.folder / self.names[self.shard]
+        self.fh = open(path, "wb")
+        os.chmod(path, 0o644)
+        self.fh.write(len(raw).to_bytes(8, "little") + raw)
+        self.pending = list(self.layouts[self.shard])
+        self.sizes[self.names[self.shard]] = offset
 
     def add(self, name, tensor):
-        self.buffer[name] = tensor
-        self.buffered += tensor.numel() * tensor.element_size()
+        """Write the next planned tensor (name, dtype and shape must match the plan)."""
+        import torch
 
-    def flush(self):
-        from safetensors.torch import save_file
+        if not self.pending:
+            self._open_next()
+        want, dtype, shape = self.pending.pop(0)
+        got = TORCH_DTYPE_CODES.get(str(tensor.dtype), str(tensor.dtype))
+        if (name, dtype, tuple(shape)) != (want, got, tuple(tensor.shape)):
+            raise DeployError(f"shard writer: expected {want} {dtype} {tuple(shape)}, got {name} {got} "
+                               f"{tuple(tensor.shape)}")
+        flat = tensor.contiguous().reshape(-1)
+        self.fh.write(flat.view(torch.uint8).numpy())  # the tensor's bytes, little-endian, no extra copy
+        self.weight_map[name] = self.names[self.shard]
 
-        if not self.buffer:
-            return
-        path = self.folder / f".shard-{len(self.shards) + 1:05d}.safetensors.tmp"
-        save_file(self.buffer, str(path), metadata={"format": "pt"})
-        os.chmod(path, 0o644)
-        self.shards.append((path, list(self.buffer), self.buffered))
-        self.buffer, self.buffered = {}, 0
+    def _close(self):
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
 
     def finish(self):
-        """Flush, give the shards their final names and write the index. Returns {file name: bytes}."""
-        self.flush()
-        total, weight_map, names = 0, {}, {}
-        for i, (path, tensors, nbytes) in enumerate(self.shards, 1):
-            final = f"model-{i:05d}-of-{len(self.shards):05d}.safetensors"
-            path.rename(self.folder / final)
-            weight_map.update({t: final for t in tensors})
-            names[final] = nbytes
-            total += nbytes
-        write_json(self.folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        return names
+        """Close the last shard and write the index. Returns {file name: tensor bytes}."""
+        self._close()
+        if self.pending or self.shard != len(self.layouts) - 1:
+            raise DeployError("shard writer: not every planned tensor was written (an internal error; please report it)")
+        write_json(self.folder / INDEX_NAME, {"metadata": {"total_size": sum(self.sizes.values())},
+                                              "weight_map": self.weight_map})
+        return self.sizes
 
 
 def quantization_config(bits, include_lm_head, source_dtype):
@@ -333,7 +375,7 @@ def quantize_model(model, out, bits=8, include_lm_head=False, evaluate=None, max
     untie = include_lm_head and any(p.out_name != p.name for p in plans)
     shard_bytes = min(max_shard_bytes, max((p.out_bytes for p in plans), default=1))
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, shard_bytes)
+        writer = ShardWriter(tmp, shard_groups(plans, shard_bytes))
         errors = _stream(plans, writer, bits, progress)
         shard_sizes = writer.finish()
         report = quantize_report.build_report(plans, errors)
@@ -364,7 +406,6 @@ def _stream(plans, writer, bits, progress):
     bar = tqdm(plans, desc="quantize", unit="tensor", file=sys.stderr, disable=None if progress else True,
                leave=False)
     for item in bar:
-        writer.reserve(item.out_bytes)
         if item.quantize:
             errors[item.out_name] = quantize_report.WeightError()
             q, scale = _quantize_tensor(item, bits, errors[item.out_name])

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from skywork_deploy import quantize as stage
 from skywork_deploy.cli import cli
-from skywork_deploy.errors import InputError
+from skywork_deploy.errors import DeployError, InputError
 from skywork_deploy.fsutil import sha256_file
 from skywork_deploy.modeling import load_model
 from skywork_deploy.quantize_report import WeightError, compare_logits
@@ -195,10 +195,41 @@ def test_sharded_input_small_chunks_and_shards(tiny_model_factory, tmp_path, mon
     assert result["report"]["end_to_end"] == {"skipped": "--no-eval"}
     weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     per_shard = {s: [t for t, f in weight_map.items() if f == s] for s in result["shards"]}
-    assert len(per_shard) > 3  # the write buffer never holds more than 20 kB, or one bigger tensor
+    assert len(per_shard) > 3  # shards of at most 20 kB, or one bigger tensor alone
     assert all(n <= 20_000 or len(per_shard[s]) == 1 for s, n in result["shards"].items())
     assert sorted(p.name for p in out.glob("model-*.safetensors")) == sorted(result["shards"])
     assert_bit_identical(model_dir, out)
+
+
+def test_shard_writer_writes_the_planned_layout_tensor_by_tensor(tmp_path):
+    """Headers are written before the data; each tensor goes to disk when added; safetensors reads the files;
+    a tensor out of plan (name, dtype or shape) is refused."""
+    from safetensors import safe_open
+
+    def plan(name, dtype, shape, q):
+        return stage.TensorPlan(name, tmp_path / "src.safetensors", dtype, shape, q, name)
+
+    plans = [plan("a", "F32", (3, 5), True), plan("b", "BF16", (7,), False), plan("big", "F32", (40, 2), False),
+             plan("c", "F16", (2, 2), False)]
+    groups = stage.shard_groups(plans, shard_bytes=41)
+    assert [[p.name for p in g] for g in groups] == [["a", "b"], ["big"], ["c"]]  # 27 + 14 fit in 41; 320 alone
+    writer = stage.ShardWriter(tmp_path, groups)
+    values = {"a": torch.arange(15, dtype=torch.int8).reshape(3, 5), "a_scale": torch.rand(3),
+              "b": torch.rand(7).to(torch.bfloat16), "big": torch.rand(40, 2), "c": torch.rand(2, 2).half()}
+    writer.add("a", values["a"])
+    assert writer.fh.tell() % 8 == 15 % 8 and writer.fh.tell() > 15  # header (8-aligned) and `a` handed to the file
+    with pytest.raises(DeployError, match="expected a_scale"):
+        writer.add("b", values["b"])
+    writer.pending.insert(0, ("a_scale", "F32", (3,)))
+    for name in ("a_scale", "b", "big", "c"):
+        writer.add(name, values[name])
+    sizes = writer.finish()
+    assert sizes == {"model-00001-of-00003.safetensors": 15 + 12 + 14, "model-00002-of-00003.safetensors": 320,
+                     "model-00003-of-00003.safetensors": 8}
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    for name, value in values.items():
+        with safe_open(str(tmp_path / index["weight_map"][name]), "pt") as fh:
+            assert torch.equal(fh.get_tensor(name), value)
 
 
 def test_bf16_input_keeps_dtypes(tmp_path):
