@@ -295,7 +295,10 @@ class ShardWriter:
             raise DeployError(f"shard writer: expected {want} {dtype} {tuple(shape)}, got {name} {got} "
                                f"{tuple(tensor.shape)}")
         flat = tensor.contiguous().reshape(-1)
-        self.fh.write(flat.view(torch.uint8).numpy())  # the tensor's bytes, little-endian, no extra copy
+        try:
+            self.fh.write(flat.view(torch.uint8).numpy())  # the tensor's bytes, little-endian, no extra copy
+        except OSError as exc:  # name the shard (a failed write carries no file name)
+            raise OSError(exc.errno, exc.strerror, str(self.folder / self.names[self.shard])) from None
         self.weight_map[name] = self.names[self.shard]
 
     def _close(self):

@@ -339,6 +339,38 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_model_factory, tmp_path, 
     assert not out.exists() and leftovers(tmp_path, "q") == []
 
 
+def test_disk_full_mid_write_is_one_line_and_writes_nothing(tiny_model_factory, tmp_path, monkeypatch):
+    import errno
+
+    class FullDisk:
+        def __init__(self, real):
+            self.real, self.written = real, 0
+
+        def write(self, data):
+            self.written += 1
+            if self.written > 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.real.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    real_open = stage.ShardWriter._open_next
+
+    def open_next(self):
+        real_open(self)
+        self.fh = FullDisk(self.fh)
+
+    monkeypatch.setattr(stage.ShardWriter, "_open_next", open_next)
+    out = tmp_path / "q"
+    result = run_cli(tiny_model_factory("gqa", tokenizer=False), "-o", out, "--no-eval")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert "No space left on device" in result.output and ".safetensors (free disk space" in result.output
+    assert "free disk space" in result.output
+    assert not out.exists() and leftovers(tmp_path, "q") == []
+
+
 def test_already_quantized_and_bad_options(tiny_model_factory, tmp_path):
     model_dir, out = tiny_model_factory("gqa", tokenizer=False), tmp_path / "q"
     assert run_cli(model_dir, "-o", out, "--no-eval").exit_code == 0

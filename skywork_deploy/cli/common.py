@@ -1,4 +1,5 @@
 """Shared pieces of the CLI: error conversion, JSON output, option parsing helpers."""
+import errno
 import functools
 import json
 import sys
@@ -17,11 +18,22 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except DeployError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # the disk filled up or a path is not writable mid-run: one line, not a traceback
+            raise click.ClickException(os_error_message(exc)) from None
         except KeyboardInterrupt:
             click.echo("Interrupted; nothing half-written was left in place.", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def os_error_message(exc):
+    where = f": {exc.filename}" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free disk space or choose another output folder"
+    else:
+        hint = "check the path and its permissions"
+    return f"{exc.strerror or exc}{where} ({hint})"
 
 
 def emit_json(data):
