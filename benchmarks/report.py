@@ -176,9 +176,9 @@ def markdown(data, notes=None):
                                       for k, v in data.get("versions", {}).items()) + ".",
              "", "Columns: export = Optimum's `optimum-cli export onnx`, GenAI's model builder, our "
              "`skywork-deploy export`; peak RSS of the whole process tree. `bound tok/s` = memory bandwidth / "
-             "weight bytes read per token (our int8 keeps lm_head in fp32 except in rows marked 'lm_head int8'; GenAI's int8 "
-             "and int4 quantize every MatMul including lm_head, in blocks of 32 with fp32 scales). Fidelity: logits of a fixed 32-token prompt "
-             "(every position) against transformers eager fp32: max |diff|, minimum cosine, top-1 agreement, "
+             "weight bytes read per token (our int8 keeps lm_head in fp32 except in rows marked 'lm_head int8'; "
+             "GenAI's int8 and int4 quantize every MatMul including lm_head, in blocks of 32 with fp32 scales). "
+             "Fidelity: logits of a fixed 32-token prompt (every position) against transformers eager fp32: max |diff|, minimum cosine, top-1 agreement, "
              "mean KL(ref || row). Random-init models have flat logits, so top-1 under quantization looks worse "
              "than it would on a trained model.", ""]
     for case, stats in data["cases"].items():

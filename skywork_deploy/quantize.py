@@ -16,6 +16,7 @@ Memory stays near the largest single tensor:
 """
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -45,8 +46,7 @@ EVAL_AUTO_MAX_PARAMS = 10_000_000_000
 PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 FLOAT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
-DTYPE_BYTES_ALL = {**DTYPE_BYTES, "I8": 1}
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "I8": 1}  # sources are the float ones; I8 is what we write
 TORCH_DTYPE_CODES = {"torch.bfloat16": "BF16", "torch.float16": "F16", "torch.float32": "F32", "torch.int8": "I8"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -64,10 +64,7 @@ class TensorPlan:
 
     @property
     def source_bytes(self):
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * DTYPE_BYTES[self.dtype]
+        return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
 
     @property
     def out_bytes(self):
@@ -269,9 +266,7 @@ class ShardWriter:
         self.shard += 1
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name, dtype, shape in self.layouts[self.shard]:
-            n = DTYPE_BYTES_ALL[dtype]
-            for d in shape:
-                n *= d
+            n = math.prod(shape) * DTYPE_BYTES[dtype]
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -310,7 +305,7 @@ class ShardWriter:
         """Close the last shard and write the index. Returns {file name: tensor bytes}."""
         self._close()
         if self.pending or self.shard != len(self.layouts) - 1:
-            raise DeployError("shard writer: not every planned tensor was written (an internal error; please report it)")
+            raise DeployError("shard writer: not every planned tensor was written (internal error; please report it)")
         write_json(self.folder / INDEX_NAME, {"metadata": {"total_size": sum(self.sizes.values())},
                                               "weight_map": self.weight_map})
         return self.sizes

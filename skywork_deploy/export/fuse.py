@@ -18,26 +18,9 @@ vendor's contract).
 import onnx
 from onnx import helper
 
-from .int8 import _drop_unused_inputs, _replace_nodes
+from .edit import attr, bypass, drop_unused_inputs, index, replace_nodes
 
 FUSED_JOIN = "+"
-
-
-def _index(proto):
-    producers, consumers = {}, {}
-    for node in proto.graph.node:
-        for o in node.output:
-            producers[o] = node
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-    return producers, consumers
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _weight_of(matmul, params, producers, consumers):
@@ -48,7 +31,7 @@ def _weight_of(matmul, params, producers, consumers):
     if b in params and params[b][1]:
         return "float", [b]
     dq = producers.get(b)
-    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) != 2 or _attr(dq, "axis", 1) != 1:
+    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) != 2 or attr(dq, "axis", 1) != 1:
         return None
     w, scale = dq.input
     if w in params and params[w][1] and scale in params and not params[scale][1] \
@@ -97,7 +80,7 @@ def fuse_projections(proto, params):
     """
     inputs = {v.name: v for v in proto.graph.input}
     _drop_identity_casts(proto, params, inputs)
-    producers, consumers = _index(proto)
+    producers, consumers = index(proto)
     groups = {}
     for node in proto.graph.node:
         if node.op_type != "MatMul":
@@ -121,32 +104,17 @@ def fuse_projections(proto, params):
             nodes += placed[id(node)]
         if id(node) not in replaced:
             nodes.append(node)
-    _replace_nodes(proto, nodes)
-    _drop_unused_inputs(proto, params)
+    replace_nodes(proto, nodes)
+    drop_unused_inputs(proto, params)
     return len(placed)
 
 
 def _drop_identity_casts(proto, params, inputs):
-    """Remove Cast(parameter) to the parameter's own type (int8 layers trace `bias.to(x.dtype)`), so that the
+    """Bypass Cast(parameter) to the parameter's own type (int8 layers trace `bias.to(x.dtype)`), so that the
     bias Adds of a fused group see their parameters directly."""
-    rename, nodes = {}, []
-    for node in proto.graph.node:
-        src = node.input[0] if node.input else None
-        if node.op_type == "Cast" and src in params and src in inputs \
-                and _attr(node, "to") == inputs[src].type.tensor_type.elem_type:
-            rename[node.output[0]] = src
-            continue
-        nodes.append(node)
-    if not rename:
-        return
-    graph_outputs = {o.name for o in proto.graph.output}
-    if graph_outputs & rename.keys():
-        return
-    for node in nodes:
-        for k, name in enumerate(node.input):
-            if name in rename:
-                node.input[k] = rename[name]
-    _replace_nodes(proto, nodes)
+    bypass(proto, {node.output[0]: node.input[0] for node in proto.graph.node
+                   if node.op_type == "Cast" and node.input[0] in params and node.input[0] in inputs
+                   and attr(node, "to") == inputs[node.input[0]].type.tensor_type.elem_type})
 
 
 def _add_param(proto, params, inputs, names, elem, dims, transposed):

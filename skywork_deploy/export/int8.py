@@ -16,6 +16,8 @@ ORT can check the vacc graph numerically even though it cannot run the custom op
 import onnx
 from onnx import helper
 
+from .edit import drop_unused_inputs, replace_nodes
+
 DOMAIN, OP = "Vastai", "QuantizedLinearPerChannel"
 DOMAIN_VERSION = 1
 TRANSPOSED = ".T"  # suffix of initializers stored transposed (their recipe says so in weights.py)
@@ -82,8 +84,8 @@ def to_standard(proto, params):
         nodes.append(helper.make_node("DequantizeLinear", [w_t, scale], [dq], name=node.name + "/DequantizeLinear",
                                       axis=1))
         nodes.append(helper.make_node("MatMul", [x, dq], list(node.output), name=node.name + "/MatMul"))
-    _replace_nodes(proto, nodes)
-    _drop_unused_inputs(proto, params)
+    replace_nodes(proto, nodes)
+    drop_unused_inputs(proto, params)
     _drop_domain(proto)
     return proto
 
@@ -102,24 +104,9 @@ def to_reference(proto):
         nodes += [helper.make_node("DequantizeLinear", [weight, scale], [dq], axis=0),
                   helper.make_node("Transpose", [dq], [wt], perm=[1, 0]),
                   helper.make_node("MatMul", [x, wt], list(node.output))]
-    _replace_nodes(ref, nodes)
+    replace_nodes(ref, nodes)
     _drop_domain(ref)
     return ref
-
-
-def _replace_nodes(proto, nodes):
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-
-
-def _drop_unused_inputs(proto, params):
-    used = {i for n in proto.graph.node for i in n.input}
-    keep = [v for v in proto.graph.input if v.name in used or v.name not in params]
-    for v in proto.graph.input:
-        if v.name not in used and v.name in params:
-            del params[v.name]
-    del proto.graph.input[:]
-    proto.graph.input.extend(keep)
 
 
 def _drop_domain(proto):

@@ -17,6 +17,7 @@ import onnx
 
 from ..errors import ModelFormatError
 from ..spec import checkpoint_files
+from .edit import attr, bypass, index
 
 DATA_FILE = "model.onnx.data"
 ALIGN = 4096  # page-aligned offsets let ONNX Runtime map the data file
@@ -62,42 +63,21 @@ class Checkpoint:
 
 def fold_transposes(proto, params):
     """Store weights that only feed Transpose(perm 1,0) transposed and drop those Transpose nodes."""
-    consumers = {}
-    for node in proto.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    _, consumers = index(proto)
     inputs = {v.name: v for v in proto.graph.input}
-    renames, dropped = {}, set()
+    renames = {}
     for name in list(params):
         users = consumers.get(name, [])
-        if not users or not all(u.op_type == "Transpose" and _perm(u) == [1, 0] for u in users):
+        if not users or not all(u.op_type == "Transpose" and attr(u, "perm") == [1, 0] for u in users):
             continue
         new = name + ".T"
         value = inputs[name]
         dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
         value.CopyFrom(onnx.helper.make_tensor_value_info(new, value.type.tensor_type.elem_type, dims[::-1]))
         params[new] = (params.pop(name)[0], True)
-        for u in users:
-            renames[u.output[0]] = new
-            dropped.add(id(u))
-    nodes = [n for n in proto.graph.node if id(n) not in dropped]
-    for node in nodes:
-        for k, i in enumerate(node.input):
-            if i in renames:
-                node.input[k] = renames[i]
-    for out in proto.graph.output:
-        if out.name in renames:  # a weight passed straight out: never happens in our graphs, refuse loudly
-            raise ModelFormatError(f"graph output {out.name} is a transposed weight")
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
+        renames.update({u.output[0]: new for u in users})
+    bypass(proto, renames)
     return proto
-
-
-def _perm(node):
-    for a in node.attribute:
-        if a.name == "perm":
-            return list(a.ints)
-    return None
 
 
 def param_specs(proto, params):
