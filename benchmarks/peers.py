@@ -104,18 +104,10 @@ def compare_logits(ref_path, other_path):
 
     Compares the positions both files hold: all of them, or the last one when a graph returns only that.
     """
-    ref = np.load(ref_path).astype(np.float64)
-    other = np.load(other_path).astype(np.float64)
+    from skywork_deploy.agreement import logit_agreement
+
+    ref, other = np.load(ref_path), np.load(other_path)
     n = min(len(ref), len(other))
-    ref, other = ref[-n:], other[-n:]
-    cos = (ref * other).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(other, axis=-1))
-
-    def log_softmax(x):
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-    lr, lo = log_softmax(ref), log_softmax(other)
-    kl = (np.exp(lr) * (lr - lo)).sum(-1)
-    return {"max_abs_diff": float(np.abs(ref - other).max()), "cosine_min": float(cos.min()),
-            "top1": float((ref.argmax(-1) == other.argmax(-1)).mean()), "kl_mean": float(kl.mean()),
-            "positions": int(n)}
+    m = logit_agreement(other[-n:], ref[-n:])
+    return {"max_abs_diff": m["max_abs_diff"], "cosine_min": m["cosine_min"], "top1": m["top1_agreement"],
+            "kl_mean": m["kl_mean"], "positions": n}

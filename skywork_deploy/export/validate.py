@@ -26,6 +26,8 @@ import os
 
 import numpy as np
 
+from ..agreement import logit_agreement
+
 log = logging.getLogger(__name__)
 DECODE_STEPS = 8
 PROMPT_LEN = 12
@@ -215,21 +217,14 @@ def _metrics(ort_logits, ref, kind):
     a, b = ort_logits.astype(np.float64), ref.astype(np.float64)
     tol = tolerance(kind, b)
     diff = float(np.abs(a - b).max()) if np.isfinite(a).all() else float("inf")
-    cos = float(min(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y) + 1e-30) for x, y in zip(a, b)))
-    p = _softmax(b)
-    kl = float(np.mean(np.sum(p * (np.log(p + 1e-30) - np.log(_softmax(a) + 1e-30)), axis=-1)))
+    m = logit_agreement(a, b)
+    cos, kl, agree = m["cosine_min"], m["kl_mean"], m["top1_agreement"]
     top_ref, top_ort = b.argmax(-1), a.argmax(-1)
-    agree = float(np.mean(top_ref == top_ort))
     srt = np.sort(b, axis=-1)
     clear = (srt[:, -1] - srt[:, -2]) > tol
     flips = int(np.sum((top_ref != top_ort) & (clear if kind == "fp16" else True)))
     return {"max_abs_diff": diff, "tolerance": tol, "cosine": cos, "kl": kl, "top1_agreement": agree,
             "top1_flips": flips, "finite": bool(np.isfinite(ort_logits).all())}
-
-
-def _softmax(x):
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 def _ok(m, kind):

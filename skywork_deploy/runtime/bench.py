@@ -111,18 +111,11 @@ def teacher_forced_logits(backend, prompt, tokens):
 
 def compare_logits(ours, ref):
     """Cosine (mean and min over steps), top-1 agreement, mean KL(ref || ours), max |diff|."""
-    ours, ref = ours.astype(np.float64), ref.astype(np.float64)
-    cos = (ours * ref).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1))
+    from ..agreement import logit_agreement
 
-    def log_softmax(x):
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-    lp_ref, lp_ours = log_softmax(ref), log_softmax(ours)
-    kl = (np.exp(lp_ref) * (lp_ref - lp_ours)).sum(-1)
-    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-            "top1_agreement": float((ours.argmax(-1) == ref.argmax(-1)).mean()), "kl_mean": float(kl.mean()),
-            "max_abs_diff": float(np.abs(ours - ref).max()), "steps": int(len(ref))}
+    result = logit_agreement(ours, ref)
+    result["steps"] = result.pop("positions")
+    return result
 
 
 def fidelity(backend, reference, prompt_len=128, steps=64, seed=0):
