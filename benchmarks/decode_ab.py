@@ -3,7 +3,8 @@
 The machine is shared, so a single pass of run_all can put one row under someone else's load; alternating
 the rows round by round and taking each row's median over rounds compares them under the same conditions.
 Builds what is missing in --work-dir (GenAI fp32/int8, our fp32 / int8 / int8 with lm_head int8), then runs
-benchmarks/peer_worker.py for each (--prompt-lens, --new-tokens, 2 threads), each under the heavy lock.
+benchmarks/peer_worker.py for each (--prompt-lens, --new-tokens, 2 threads), each under the heavy lock; the
+row order is reversed every other round, and --only keeps the named rows.
 
     python benchmarks/decode_ab.py --ckpt benchmarks/work/run_all/qwen2.5-0.5b/checkpoint --rounds 2 \\
         [--extra NAME=ours:PATH:ACCURACY ...] --out benchmarks/results/<date>-decode-ab.json
@@ -59,6 +60,7 @@ def main(argv=None):
     ap.add_argument("--prompt-lens", default="128")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--extra", action="append", default=[], help="NAME=ours:BUNDLE:ACCURACY, another row")
+    ap.add_argument("--only", action="append", default=[], help="run only this row (repeat the option)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     work = Path(args.work_dir)
@@ -68,10 +70,17 @@ def main(argv=None):
         name, _, rest = spec.partition("=")
         backend, path, acc = rest.split(":")
         rows[name] = (backend, Path(path), acc)
+    if args.only:
+        unknown = [n for n in args.only if n not in rows]
+        if unknown:
+            raise SystemExit(f"--only {unknown[0]!r}: not a row (rows: {', '.join(rows)})")
+        rows = {n: rows[n] for n in args.only}
     lens = [int(x) for x in args.prompt_lens.split(",")]
     results = {name: [] for name in rows}
     for r in range(args.rounds):
-        for name, (backend, path, acc) in rows.items():
+        order = list(rows) if r % 2 == 0 else list(rows)[::-1]  # no row always runs first (or last)
+        for name in order:
+            backend, path, acc = rows[name]
             extra = ["--int8-accuracy", acc] if backend == "ours" else []
             run = peers.run_worker(backend, path, prompt_lens=lens, new_tokens=args.new_tokens,
                                    repeats=args.repeats, extra=extra)

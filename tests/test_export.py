@@ -179,8 +179,11 @@ def test_disk_space_and_option_checks(tmp_path, small_model):
     with pytest.raises(InputError, match="not enough disk space"):
         _check_disk(tmp_path / "out", 1 << 62)
     spec = ModelSpec.from_folder(small_model)
-    assert check_options(spec, None, "standard", [64, 32, 64], False) == ("fp32", None, [32, 64])
-    assert check_options(spec, None, "vacc", None, True) == ("int8", "vacc", None)
+    assert check_options(spec, None, "standard", [64, 32, 64], False) == ("fp32", None, [32, 64], "contrib")
+    assert check_options(spec, None, "vacc", None, True) == ("int8", "vacc", None, None)  # vendor graph: no contrib
+    assert check_options(spec, "fp16", "standard", None, False, "onnx")[3] == "onnx"
+    with pytest.raises(ConfigError, match="--ort-ops"):
+        check_options(spec, "fp32", "standard", None, False, "tensorrt")
     with pytest.raises(ConfigError, match="quantized"):
         check_options(spec, "fp16", "standard", None, True)
 

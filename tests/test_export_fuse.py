@@ -1,5 +1,6 @@
 """Export graph speedups for ONNX Runtime: fused q/k/v and gate/up projections, grouped-query attention without
-repeated K/V; the int8 lm_head (tied embedding) path through quantize -> export -> run."""
+repeated K/V, ONNX Runtime contrib kernels (--ort-ops contrib) against the standard-ops graph; the int8 lm_head
+(tied embedding) path through quantize -> export -> run."""
 import numpy as np
 import pytest
 
@@ -57,7 +58,7 @@ def _run_chain(bundle, steps=3):
 def test_fused_weights_are_the_concatenation_and_logits_match_unfused(small_model, tmp_path, monkeypatch):
     from skywork_deploy.export import attention, export_model, fuse
 
-    result = export_model(small_model, tmp_path / "fused")
+    result = export_model(small_model, tmp_path / "fused", ort_ops="onnx")
     assert result["validation"]["passed"]
     inits, proto = _initializers(tmp_path / "fused" / "decode.onnx")
     ckpt = _checkpoint(small_model)
@@ -78,7 +79,7 @@ def test_fused_weights_are_the_concatenation_and_logits_match_unfused(small_mode
 
     monkeypatch.setattr(fuse, "fuse_projections", lambda proto, params: 0)
     monkeypatch.setattr(attention, "ort_patches", lambda: [])
-    export_model(small_model, tmp_path / "plain")
+    export_model(small_model, tmp_path / "plain", ort_ops="onnx")
     plain_ops = [n.op_type for n in _initializers(tmp_path / "plain" / "decode.onnx")[1].graph.node]
     assert "Split" not in plain_ops and plain_ops.count("Expand") >= 2 * LAYERS
     fused, plain = _run_chain(tmp_path / "fused"), _run_chain(tmp_path / "plain")
@@ -116,8 +117,44 @@ def test_int8_lm_head_of_a_tied_model_quantize_export_run(tiny_model_factory, tm
     ops = [n.op_type for n in proto.graph.node]
     assert "Cast" not in ops[ops.index("DequantizeLinear"):]
     assert ops.count("DequantizeLinear") == 4 * LAYERS + 1  # qkv, o, gate+up, down per layer; lm_head
-    assert {o.domain for o in proto.opset_import} == {""}  # no custom op: ONNX Runtime runs it
+    assert not [n for n in proto.graph.node if n.domain not in ("", "com.microsoft")]  # ONNX Runtime runs it
     for accuracy in ("exact", "fast"):
         backend = make_backend("onnxruntime", open_bundle(tmp_path / "int8"), threads=1, int8_accuracy=accuracy)
         gen = generate_ids(backend, [[1, 2, 3, 4]], max_new_tokens=4)
         assert len(gen.tokens[0]) == 4
+
+
+def test_contrib_ops_graph_matches_the_standard_ops_graph(small_model, tmp_path):
+    """--ort-ops contrib (the default) puts residual+RMSNorm, rotary and attention into ONNX Runtime's fused
+    kernels; both graphs pass validation and agree on a left-padded batch through prefill and decode."""
+    import json
+
+    from skywork_deploy.export import export_model
+
+    contrib = export_model(small_model, tmp_path / "contrib")
+    onnx_ops = export_model(small_model, tmp_path / "onnx", ort_ops="onnx")
+    assert contrib["ort_ops"] == "contrib" and onnx_ops["ort_ops"] == "onnx"
+    assert contrib["validation"]["passed"] and onnx_ops["validation"]["passed"]
+    ms = "com.microsoft"
+    for kind in ("prefill", "decode"):
+        nodes = _initializers(tmp_path / "contrib" / f"{kind}.onnx")[1].graph.node
+        ops = [(n.domain, n.op_type) for n in nodes]
+        gqa = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+        assert len(gqa) == LAYERS and ops.count((ms, "SkipSimplifiedLayerNormalization")) == 2 * LAYERS
+        assert ("", "Softmax") not in ops and ("", "Concat") not in ops
+        if kind == "prefill":  # q and k rotated by their own kernels: the prompt's rows need every position
+            assert ops.count((ms, "RotaryEmbedding")) == 2 * LAYERS
+        else:  # decode: the fused q|k|v MatMul feeds the kernel packed, rotary inside it, no Split
+            assert ops.count((ms, "RotaryEmbedding")) == 0 and ops.count(("", "Split")) == LAYERS  # gate|up
+            assert all(n.input[1] == n.input[2] == "" for n in gqa)
+            assert all(a.i == 1 for n in gqa for a in n.attribute if a.name == "do_rotary")
+        plain = _initializers(tmp_path / "onnx" / f"{kind}.onnx")[1]
+        assert {n.domain for n in plain.graph.node} == {""}
+        assert contrib["nodes"][kind] < onnx_ops["nodes"][kind] / 1.5
+    manifest = json.loads((tmp_path / "contrib" / "skywork_deploy_manifest.json").read_text())
+    assert manifest["ort_ops"] == "contrib"
+    assert manifest["graphs"]["decode"]["custom_opsets"] == {"com.microsoft": 1}
+    a, b = _run_chain(tmp_path / "contrib", steps=4), _run_chain(tmp_path / "onnx", steps=4)
+    assert np.abs(a - b).max() <= 1e-5
+    assert (a.argmax(-1) == b.argmax(-1)).all()
+

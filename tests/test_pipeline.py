@@ -118,6 +118,9 @@ def test_bad_settings_are_one_line_errors(tmp_path, tiny_model_factory):
     assert not (tmp_path / "o").exists()
     result = invoke(["build", "--dtype", "fp16"])
     assert result.exit_code == 1 and "model: missing" in result.output
+    bad.write_text("model: x\ndtype: fp16\nexport:\n  ort_ops: tensorrt\n")
+    result = invoke(["build", "-c", bad])
+    assert result.exit_code == 1 and "export.ort_ops: must be contrib or onnx" in result.output
 
 
 def test_skipped_export_validation_is_a_visible_warning_not_a_pass():

@@ -95,6 +95,30 @@ def test_naive_loop_equals_io_binding(bundle, tokenizer, prompt_rows, hf_tokens)
     assert _ours(naive, bundle, tokenizer, prompt_rows).tokens == hf_tokens
 
 
+def test_kv_in_place_is_bit_identical_to_a_fresh_present_per_step(bundle, prompt_rows, monkeypatch):
+    """GroupQueryAttention bundles keep one K/V buffer per layer and append in place (growing it when full);
+    the logits equal those of the loop that gets a new, longer present every step."""
+    from skywork_deploy.runtime import ort_backend
+
+    monkeypatch.setattr(ort_backend.KVBuffers, "GROW", 3)  # grow several times in a dozen steps
+    in_place = make_backend("onnxruntime", bundle, threads=2)
+    copying = make_backend("onnxruntime", bundle, threads=2, kv_in_place=False)
+    assert in_place.describe()["kv_in_place"] is True and copying.describe()["kv_in_place"] is False
+    ids, mask, pos = left_pad(prompt_rows, 0)
+    logits = []
+    for backend in (in_place, copying):
+        m = mask.copy()
+        out, kv = backend.prefill(ids, m, pos)
+        steps = [out]
+        for _ in range(12):
+            m = np.concatenate([m, np.ones((len(m), 1), np.int64)], 1)
+            out, kv = backend.decode(out.argmax(-1)[:, None].astype(np.int64), m, m.sum(-1, keepdims=True) - 1, kv)
+            steps.append(out)
+        logits.append(np.stack(steps))
+    assert isinstance(kv, list) and kv[0].shape()[2] == ids.shape[1] + 12
+    np.testing.assert_array_equal(logits[0], logits[1])
+
+
 def test_torch_backend_equals_transformers_generate(bundle, tokenizer, prompt_rows, hf_tokens, runtime_model):
     torch_backend = make_backend("torch", bundle)
     assert torch_backend.describe()["source_model"] == str(runtime_model)

@@ -20,6 +20,8 @@ from .common import emit_json, handle_errors, json_option, parse_int_list
 @click.option("--seqlen", type=int, default=None, help="Calibration window length.")
 @click.option("--int8-format", type=click.Choice(["standard", "vacc"]), default=None,
               help="ONNX int8 flavour: standard (ONNX Runtime) or vacc (vendor custom op).")
+@click.option("--ort-ops", type=click.Choice(["contrib", "onnx"]), default=None,
+              help="ONNX Runtime graphs: contrib (fused kernels, default) or onnx (standard ops only).")
 @click.option("--export-seq-len", default=None, callback=parse_int_list,
               help="Fixed ONNX buckets, e.g. 1024,2048 (default: dynamic axes).")
 @click.option("--tp", type=int, default=None, help="Tensor parallel size for vamc.")
@@ -32,7 +34,7 @@ from .common import emit_json, handle_errors, json_option, parse_int_list
 @json_option
 @handle_errors
 def build(model, config_file, dtype, out, demo, calib_dataset, calib_source, nsamples, seqlen, int8_format,
-          export_seq_len, tp, seq_lens, vamc, prompt, force, allow_unvalidated, as_json):
+          ort_ops, export_seq_len, tp, seq_lens, vamc, prompt, force, allow_unvalidated, as_json):
     """Run patch -> calib -> quantize -> export -> validate -> compile into one build folder.
 
     Each stage writes its own subfolder and manifest; a stage whose inputs and options are unchanged is
@@ -60,7 +62,8 @@ def build(model, config_file, dtype, out, demo, calib_dataset, calib_source, nsa
         settings = BuildSettings()
     for dotted, value in (("model", model), ("dtype", dtype), ("output", out), ("calib.dataset", calib_dataset),
                           ("calib.source", calib_source), ("calib.nsamples", nsamples), ("calib.seqlen", seqlen),
-                          ("export.int8_format", int8_format), ("export.seq_lens", export_seq_len),
+                          ("export.int8_format", int8_format), ("export.ort_ops", ort_ops),
+                          ("export.seq_lens", export_seq_len),
                           ("compile.tp", tp), ("compile.seq_lens", seq_lens), ("compile.vamc", vamc),
                           ("run.prompt", prompt)):
         settings.override(dotted, value)

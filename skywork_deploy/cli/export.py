@@ -12,13 +12,16 @@ from .common import emit_json, handle_errors, json_option, parse_int_list
 @click.option("--int8-format", type=click.Choice(["vacc", "standard"]), default="standard", show_default=True,
               help="vacc: Vastai::QuantizedLinearPerChannel custom op (for vamc); standard: DequantizeLinear+MatMul "
                    "(ONNX Runtime).")
+@click.option("--ort-ops", type=click.Choice(["contrib", "onnx"]), default="contrib", show_default=True,
+              help="ONNX Runtime graphs (not vacc): contrib uses ONNX Runtime's fused kernels (SkipSimplified"
+                   "LayerNormalization, RotaryEmbedding, GroupQueryAttention); onnx keeps standard ONNX ops only.")
 @click.option("--seq-len", "seq_lens", multiple=True, callback=parse_int_list,
               help="Fixed prefill bucket(s), multiples of 16 (repeat or comma-separate). Default: dynamic axes.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT folder.")
 @json_option
 @handle_errors
-def export(model, out, dtype, int8_format, seq_lens, no_simplify, overwrite, as_json):
+def export(model, out, dtype, int8_format, ort_ops, seq_lens, no_simplify, overwrite, as_json):
     """Export the prefill and decode ONNX graphs of MODEL and validate them against the torch reference.
 
     MODEL is a plain Qwen2 folder (patched on the fly in a temporary copy), a patched folder, or a folder
@@ -35,11 +38,12 @@ def export(model, out, dtype, int8_format, seq_lens, no_simplify, overwrite, as_
       skywork-deploy export ./or1-7b-vacc -o ./or1-7b-onnx
       skywork-deploy export ./or1-7b-vacc -o ./or1-7b-fp16 --dtype fp16 --seq-len 1024,2048
       skywork-deploy export ./or1-7b-int8 -o ./or1-7b-int8-onnx --int8-format vacc
+      skywork-deploy export ./or1-7b-vacc -o ./or1-7b-portable --ort-ops onnx
     """
     from ..export import export_model
 
     result = export_model(model, out, dtype=dtype, int8_format=int8_format, seq_lens=seq_lens,
-                          simplify=not no_simplify, overwrite=overwrite)
+                          simplify=not no_simplify, overwrite=overwrite, ort_ops=ort_ops)
     if as_json:
         emit_json(result)
         return

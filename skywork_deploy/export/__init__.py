@@ -6,6 +6,9 @@
            ─► stream initializers from the shards into model.onnx.data (shared by both graphs)
            ─► ONNX Runtime vs torch reference ─► manifest
 
+The ONNX Runtime graphs (not vacc) are traced with residual+RMSNorm, rotary and attention as ONNX Runtime
+contrib ops (--ort-ops contrib, the default; contrib.py) or in standard ONNX ops (--ort-ops onnx; attention.py).
+
 The bundle layout is the contract in CONTRACT_EXPORT.md. Both graphs reference the same external data file
 `model.onnx.data` (same initializer names and bytes), which halves disk use and export time.
 """
@@ -24,12 +27,15 @@ from ..spec import TOKENIZER_SIDE_FILES, ModelSpec, read_config
 log = logging.getLogger(__name__)
 DTYPES = ("fp32", "fp16", "int8")
 INT8_FORMATS = ("vacc", "standard")
+ORT_OPS = ("contrib", "onnx")
 GRAPHS = ("prefill", "decode")
 SEQ_MULTIPLE = 16
 
 
-def check_options(spec, dtype, int8_format, seq_lens, quantized):
-    """Validated (dtype, int8_format, seq_lens); raises ConfigError naming the option."""
+def check_options(spec, dtype, int8_format, seq_lens, quantized, ort_ops="contrib"):
+    """Validated (dtype, int8_format, seq_lens, ort_ops); raises ConfigError naming the option.
+
+    ort_ops is None for the vacc flavour (its graph is the vendor's, not ONNX Runtime's)."""
     if quantized:
         if dtype not in (None, "int8"):
             raise ConfigError(f"--dtype {dtype}: the model folder is quantized (vacc_w8a16); use --dtype int8 "
@@ -40,6 +46,9 @@ def check_options(spec, dtype, int8_format, seq_lens, quantized):
         raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if int8_format not in INT8_FORMATS:
         raise ConfigError(f"--int8-format {int8_format}: choose vacc or standard")
+    if ort_ops not in ORT_OPS:
+        raise ConfigError(f"--ort-ops {ort_ops}: choose contrib (ONNX Runtime's fused kernels) or onnx "
+                          "(standard ONNX operators only)")
     if seq_lens:
         for n in seq_lens:
             if n <= 0 or n % SEQ_MULTIPLE:
@@ -49,7 +58,8 @@ def check_options(spec, dtype, int8_format, seq_lens, quantized):
                 raise ConfigError(f"--seq-len {n}: longer than max_position_embeddings ({spec.max_positions}) "
                                   "in config.json")
         seq_lens = sorted(set(seq_lens))
-    return dtype, (int8_format if dtype == "int8" else None), (seq_lens or None)
+    int8_format = int8_format if dtype == "int8" else None
+    return dtype, int8_format, (seq_lens or None), (None if int8_format == "vacc" else ort_ops)
 
 
 def _prepare_folder(folder, workdir):
@@ -73,16 +83,18 @@ def _check_disk(out, need):
                          f"{need / 2**30:.2f} GiB); free space or choose another output folder")
 
 
-def build_graphs(folder, dtype, int8_format, seq_lens):
+def build_graphs(folder, dtype, int8_format, seq_lens, ort_ops="contrib"):
     """(protos, params) of prefill and decode, weightless, int8 flavour applied and transposes folded."""
-    from . import attention, fuse, graphs, int8, weights
+    from . import attention, contrib, fuse, graphs, int8, weights
 
     is_int8 = dtype == "int8"
     model = graphs.skeleton(folder, "fp32" if is_int8 else dtype, int8=is_int8)
     fixed = seq_lens[0] if seq_lens and len(seq_lens) == 1 else None
     protos, params_list = [], []
     patches = int8.vacc_patches() if is_int8 else []
-    if int8_format != "vacc":  # ONNX Runtime graphs: grouped-query attention without repeating K/V
+    if ort_ops == "contrib":  # ONNX Runtime graphs: its fused kernels for norm, rotary and attention
+        patches += contrib.ort_patches()
+    elif ort_ops == "onnx":  # ONNX Runtime graphs in standard ops: grouped-query attention without repeating K/V
         patches += attention.ort_patches()
     with graphs.export_patches(patches):
         for kind in GRAPHS:
@@ -100,7 +112,8 @@ def build_graphs(folder, dtype, int8_format, seq_lens):
     return protos, params_list
 
 
-def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, simplify=True, overwrite=False):
+def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, simplify=True, overwrite=False,
+                 ort_ops="contrib"):
     """Export MODEL (plain, patched or quantized folder) into bundle `out`; returns a result dict."""
     import onnx
 
@@ -113,13 +126,13 @@ def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, 
     spec = ModelSpec.from_folder(src)
     cfg = read_config(src)
     quantized = (cfg.get("quantization_config") or {}).get("quant_method") == "vacc_w8a16"
-    dtype, int8_format, seq_lens = check_options(spec, dtype, int8_format, seq_lens, quantized)
+    dtype, int8_format, seq_lens, ort_ops = check_options(spec, dtype, int8_format, seq_lens, quantized, ort_ops)
     out = Path(out)
     if out.exists() and not overwrite:
         raise InputError(f"{out}: already exists (choose another output folder or remove it)")
     with tempfile.TemporaryDirectory(prefix="skywork-export-") as work:
         folder, patched_copy = _prepare_folder(src, work)
-        protos, params_list = build_graphs(folder, dtype, int8_format, seq_lens)
+        protos, params_list = build_graphs(folder, dtype, int8_format, seq_lens, ort_ops)
         simplified = {}
         for i, kind in enumerate(GRAPHS):
             if simplify:
@@ -144,8 +157,8 @@ def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, 
             export_rss = peak_rss_bytes()  # before validation loads the reference model and ORT sessions
             report = _validate(tmp, folder, dtype, int8_format, spec, seq_lens, protos)
             write_json(tmp / "validation.json", report)
-            manifest = _manifest(tmp, src, spec, dtype, int8_format, seq_lens, protos, simplified, data_bytes,
-                                 patched_copy, report)
+            manifest = _manifest(tmp, src, spec, dtype, int8_format, seq_lens, ort_ops, protos, simplified,
+                                 data_bytes, patched_copy, report)
             if report["passed"] is False:
                 failed = out.with_name(out.name + ".failed")
                 shutil.rmtree(failed, ignore_errors=True)
@@ -155,7 +168,7 @@ def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, 
                                       f"{failed} (not in {out}):\n" + table([r for r in report["rows"]
                                                                               if not r["ok"]]))
     seconds = time.perf_counter() - start
-    result = {"out": str(out), "dtype": dtype, "int8_format": int8_format, "seq_lens": seq_lens,
+    result = {"out": str(out), "dtype": dtype, "int8_format": int8_format, "ort_ops": ort_ops, "seq_lens": seq_lens,
               "seconds": round(seconds, 2), "trace_seconds": round(trace_seconds, 2),
               "write_seconds": round(write_seconds, 2), "peak_rss_bytes": peak_rss_bytes(),
               "export_peak_rss_bytes": export_rss, "validate_seconds": round(seconds - trace_seconds - write_seconds, 2),
@@ -244,8 +257,8 @@ def _io(values):
              "shape": [d.dim_param or d.dim_value for d in x.type.tensor_type.shape.dim]} for x in values]
 
 
-def _manifest(bundle, src, spec, dtype, int8_format, seq_lens, protos, simplified, data_bytes, patched_copy,
-              report):
+def _manifest(bundle, src, spec, dtype, int8_format, seq_lens, ort_ops, protos, simplified, data_bytes,
+              patched_copy, report):
     from . import graphs, int8, weights
 
     float_type = "float16" if dtype == "fp16" else "float32"
@@ -254,8 +267,8 @@ def _manifest(bundle, src, spec, dtype, int8_format, seq_lens, protos, simplifie
         graph_info[kind] = {
             "file": f"{kind}.onnx", "sha256": sha256_file(bundle / f"{kind}.onnx"),
             "data_file": weights.DATA_FILE, "inputs": _io(proto.graph.input), "outputs": _io(proto.graph.output),
-            "opset": graphs.OPSET, "custom_opsets": {int8.DOMAIN: int8.DOMAIN_VERSION} if int8_format == "vacc"
-            else {}, "nodes": len(proto.graph.node), "simplify": simplified[kind],
+            "opset": graphs.OPSET, "custom_opsets": {o.domain: o.version for o in proto.opset_import if o.domain},
+            "nodes": len(proto.graph.node), "simplify": simplified[kind],
             "custom_nodes": len(int8.custom_nodes(proto)),
         }
     if seq_lens is None:
@@ -276,5 +289,5 @@ def _manifest(bundle, src, spec, dtype, int8_format, seq_lens, protos, simplifie
         exporter="torch.onnx TorchScript (opset 17), traced without weights, initializers streamed",
         patched_on_the_fly=patched_copy, validation={"passed": report["passed"], "file": "validation.json",
                                                  **({"skipped": report["skipped"]} if "skipped" in report else {})},
-        options={"dtype": dtype, "int8_format": int8_format, "seq_lens": seq_lens},
+        ort_ops=ort_ops, options={"dtype": dtype, "int8_format": int8_format, "seq_lens": seq_lens, "ort_ops": ort_ops},
     )

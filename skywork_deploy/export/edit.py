@@ -1,4 +1,4 @@
-"""Small in-place edits of a weightless ONNX graph, shared by the export passes (int8, fold, fuse).
+"""Small in-place edits of a weightless ONNX graph, shared by the export passes (int8, fold, fuse, contrib).
 
 `params` is the passes' common map {graph input that is a weight: (recipe, transposed)}.
 """
@@ -52,3 +52,13 @@ def drop_unused_inputs(proto, params):
             del params[v.name]
     del proto.graph.input[:]
     proto.graph.input.extend(keep)
+
+
+def prune(proto):
+    """Drop nodes none of whose outputs is read (by a node or as a graph output), until none is left."""
+    while True:
+        read = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+        nodes = [n for n in proto.graph.node if any(o in read for o in n.output)]
+        if len(nodes) == len(proto.graph.node):
+            return
+        replace_nodes(proto, nodes)

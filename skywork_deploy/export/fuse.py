@@ -18,7 +18,7 @@ vendor's contract).
 import onnx
 from onnx import helper
 
-from .edit import attr, bypass, drop_unused_inputs, index, replace_nodes
+from .edit import attr, bypass, drop_unused_inputs, index, prune, replace_nodes
 
 FUSED_JOIN = "+"
 
@@ -105,8 +105,26 @@ def fuse_projections(proto, params):
         if id(node) not in replaced:
             nodes.append(node)
     replace_nodes(proto, nodes)
+    _drop_split_concat(proto)
     drop_unused_inputs(proto, params)
     return len(placed)
+
+
+def _drop_split_concat(proto):
+    """Concat(Split(y)) that puts every part back in order along the same axis is y: a consumer that wants
+    the packed projections (GroupQueryAttention takes q|k|v as one tensor) reads the fused MatMul directly."""
+    producers, consumers = index(proto)
+    renames = {}
+    for node in proto.graph.node:
+        split = producers.get(node.input[0]) if node.op_type == "Concat" and node.input else None
+        if split is None or split.op_type != "Split" or list(node.input) != list(split.output):
+            continue
+        if attr(node, "axis") != attr(split, "axis", 0) or any(len(consumers[o]) != 1 for o in split.output):
+            continue
+        renames[node.output[0]] = split.input[0]
+    if renames:
+        bypass(proto, renames)
+        prune(proto)
 
 
 def _drop_identity_casts(proto, params, inputs):

@@ -31,6 +31,7 @@ class QuantizeSettings:
 @dataclass
 class ExportSettings:
     int8_format: str = "standard"  # standard runs on ONNX Runtime; vacc is the vendor's custom op
+    ort_ops: str = "contrib"  # ONNX Runtime graphs: contrib (fused kernels) or onnx (standard ops only)
     seq_lens: list = None  # None: dynamic axes
     simplify: bool = True
 
@@ -121,6 +122,8 @@ class BuildSettings:
             problems.append(f"calib.dataset: {self.calib.dataset!r} is not one of {', '.join(CALIB_DATASETS)}")
         if self.export.int8_format not in ("standard", "vacc"):
             problems.append("export.int8_format: must be standard or vacc")
+        if self.export.ort_ops not in ("contrib", "onnx"):
+            problems.append("export.ort_ops: must be contrib or onnx")
         if problems:
             raise ConfigError("invalid build settings:\n  " + "\n  ".join(problems))
         return self

@@ -64,7 +64,7 @@ def _export(e, dtype, src, out):
     from ..export import export_model
 
     result = export_model(src, out, dtype=dtype, int8_format=e.int8_format, seq_lens=e.seq_lens,
-                          simplify=e.simplify)
+                          simplify=e.simplify, ort_ops=e.ort_ops)
     return {k: result[k] for k in ("validation", "graphs") if k in result}
 
 

@@ -4,7 +4,8 @@ A backend computes two steps on NumPy int64 inputs:
 - `prefill(input_ids (B, S), attention_mask (B, S), position_ids (B, S)) -> (logits (B, V) float32, kv)`,
   the logits of the last position only;
 - `decode(token_ids (B, 1), attention_mask (B, P+1), position_ids (B, 1), kv) -> (logits (B, V), kv)`.
-`kv` is opaque to the caller (torch tensors, ONNX Runtime OrtValues...): it is only passed back.
+`kv` is opaque to the caller (torch tensors, ONNX Runtime OrtValues or buffers it appends to in place): pass
+back the one the last step returned, never an older one.
 
 Backends: `onnxruntime` (an export bundle, CPU), `torch` (our model from the source folder: the reference)
 and `vacc` (the vendor's `vaststreamx`, loaded lazily; untested without hardware). `BACKENDS` maps each name
