@@ -290,6 +290,9 @@ def test_cli_bench_json(bundle_dir):
     for row in report["rows"]:
         assert row["prefill_ms"] > 0 and row["decode_tokens_per_s"] > 0
         assert row["decode_ratio"] == pytest.approx(row["decode_tokens_per_s"] / row["reference_decode_tokens_per_s"])
-    assert report["reference"].startswith("transformers")
+    assert report["reference"].startswith("transformers") and report["backend"]["kv_in_place"] is True
     table = _cli("bench", bundle_dir, "--prompt-len", 8, "--new-tokens", 2, "--repeats", 1, "--no-reference")
     assert table.exit_code == 0 and "decode tok/s" in table.stdout
+    copying = _cli("bench", bundle_dir, "--prompt-len", 8, "--new-tokens", 2, "--repeats", 1, "--no-reference",
+                   "--no-kv-in-place", "--json")
+    assert copying.exit_code == 0 and json.loads(copying.stdout)["backend"]["kv_in_place"] is False

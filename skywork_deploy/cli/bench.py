@@ -16,11 +16,13 @@ from .run import backend_options
 @backend_options
 @click.option("--no-reference", is_flag=True, help="Skip the transformers eager reference.")
 @click.option("--no-io-binding", is_flag=True, help="ONNX Runtime: plain session.run loop (to measure IOBinding).")
+@click.option("--no-kv-in-place", is_flag=True,
+              help="ONNX Runtime: a fresh present per step instead of appending to one K/V buffer (to measure it).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @json_option
 @handle_errors
 def bench(bundle, prompt_len, new_tokens, repeats, backend, threads, int8_accuracy, no_reference, no_io_binding,
-          seed, as_json):
+          no_kv_in_place, seed, as_json):
     """Measure prefill latency and decode speed of BUNDLE against transformers eager.
 
     For each prompt length: prefill milliseconds and decode tokens/s at batch 1 (medians over --repeats),
@@ -38,7 +40,7 @@ def bench(bundle, prompt_len, new_tokens, repeats, backend, threads, int8_accura
 
     report = bench_bundle(open_bundle(bundle), backend, prompt_len, new_tokens, repeats, threads=threads,
                           int8_accuracy=int8_accuracy, reference=not no_reference, seed=seed,
-                          io_binding=not no_io_binding)
+                          io_binding=not no_io_binding, kv_in_place=not no_kv_in_place)
     if as_json:
         emit_json(report)
         return

@@ -129,13 +129,13 @@ def fidelity(backend, reference, prompt_len=128, steps=64, seed=0):
 
 
 def bench_bundle(bundle, backend_name="onnxruntime", prompt_lens=(128,), new_tokens=64, repeats=3,
-                 threads=None, int8_accuracy="exact", reference=True, seed=0, io_binding=True):
+                 threads=None, int8_accuracy="exact", reference=True, seed=0, io_binding=True, kv_in_place=True):
     """Everything `skywork-deploy bench` reports for one bundle, as a dict."""
     from .backends import make_backend, physical_cores
 
     threads = threads or physical_cores()
     engine = make_backend(backend_name, bundle, threads=threads, int8_accuracy=int8_accuracy,
-                          io_binding=io_binding)
+                          io_binding=io_binding, kv_in_place=kv_in_place)
     ours = bench_backend(engine, prompt_lens, new_tokens, repeats, seed)
     report = {"backend": engine.describe(), "new_tokens": new_tokens, "repeats": repeats, "threads": threads,
               "rows": [], "reference": None}
