@@ -1,15 +1,17 @@
-"""Where a decode step's time goes: ONNX Runtime's profiler over one graph, summed by operator type.
+"""Where a decode step's time goes: decode graphs timed side by side, then ONNX Runtime's profiler by op type.
 
-Runs the decode graph of an export bundle (or a GenAI model.onnx) for one token with `--past` cached
-positions (random cache, 2 threads), N times, and prints per operator type: ms per step, nodes, share of
-kernel time; also the plain (unprofiled) ms per step. Used to compare our graph with GenAI's node for node.
+Runs each decode graph (an export bundle's decode.onnx, or a GenAI model.onnx: ONNX Runtime runs both) for
+one token with `--past` cached positions (random cache, 2 threads): unprofiled ms per step in alternating
+rounds (median), then per operator type ms per step, nodes and share of kernel time. Compares our graph
+with GenAI's node for node, on the same ONNX Runtime, in one process.
 
-    python benchmarks/profile_decode.py BUNDLE/decode.onnx [--int8-accuracy fast] [--past 128] [--steps 30]
-    benchmarks/.venvs/genai/bin/python benchmarks/profile_decode.py GENAI_DIR/model.onnx --int8-accuracy fast
+    python benchmarks/profile_decode.py BUNDLE/decode.onnx GENAI_DIR/model.onnx --int8-accuracy fast \
+        [--past 128] [--steps 30] [--rounds 5] [--json OUT]
 """
 import argparse
 import collections
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -50,27 +52,11 @@ def session(path, accuracy, profile_dir=None, threads=2):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("graph")
-    ap.add_argument("--int8-accuracy", choices=["fast", "exact", "default"], default="default")
-    ap.add_argument("--past", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--json", help="also write the table here")
-    args = ap.parse_args(argv)
-
-    plain = session(args.graph, args.int8_accuracy)
-    feeds = feeds_for(plain, args.past)
-    for _ in range(3):
-        plain.run(None, feeds)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        plain.run(None, feeds)
-    ms_plain = (time.perf_counter() - t0) / args.steps * 1e3
-    del plain
+def op_table(path, accuracy, feeds, steps):
+    """[{op, ms_per_step, nodes, share}] from ONNX Runtime's profiler over `steps` + 3 runs."""
     with tempfile.TemporaryDirectory() as tmp:
-        prof = session(args.graph, args.int8_accuracy, tmp)
-        runs = args.steps + 3
+        prof = session(path, accuracy, tmp)
+        runs = steps + 3
         for _ in range(runs):
             prof.run(None, feeds)
         events = json.load(open(prof.end_profiling()))
@@ -80,16 +66,47 @@ def main(argv=None):
             time_by[e["args"]["op_name"]] += e["dur"]
             nodes_by[e["args"]["op_name"]] += 1
     total = sum(time_by.values())
-    rows = [{"op": op, "ms_per_step": round(us / runs / 1e3, 3), "nodes": nodes_by[op] // runs,
+    return [{"op": op, "ms_per_step": round(us / runs / 1e3, 3), "nodes": nodes_by[op] // runs,
              "share": round(us / total, 4)} for op, us in time_by.most_common()]
-    print(f"{args.graph}: {ms_plain:.1f} ms/step unprofiled, {total / runs / 1e3:.1f} ms/step kernel time "
-          f"({sum(r['nodes'] for r in rows)} nodes), past {args.past}")
-    for r in rows:
-        print(f"  {r['op']:34s} {r['ms_per_step']:7.3f} ms  {r['nodes']:4d} nodes  {r['share']:6.1%}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("graphs", nargs="+", help="decode graphs to compare (timed in alternating rounds)")
+    ap.add_argument("--int8-accuracy", choices=["fast", "exact", "default"], default="default")
+    ap.add_argument("--past", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of unprofiled timing")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+
+    sessions = {g: session(g, args.int8_accuracy) for g in args.graphs}
+    feeds = {g: feeds_for(s, args.past) for g, s in sessions.items()}
+    for g, s in sessions.items():
+        for _ in range(3):
+            s.run(None, feeds[g])
+    timed = {g: [] for g in args.graphs}
+    for r in range(args.rounds):
+        for g in (args.graphs if r % 2 == 0 else args.graphs[::-1]):
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                sessions[g].run(None, feeds[g])
+            timed[g].append(round((time.perf_counter() - t0) / args.steps * 1e3, 2))
+    del sessions
+    results = []
+    for g in args.graphs:
+        rows = op_table(g, args.int8_accuracy, feeds[g], args.steps)
+        median = statistics.median(timed[g])
+        results.append({"graph": g, "ms_per_step_median": median, "ms_per_step_rounds": timed[g],
+                        "nodes": sum(r["nodes"] for r in rows), "ops": rows})
+        print(f"{g}: {median:.1f} ms/step (median of {args.rounds} alternating rounds {timed[g]}), "
+              f"{sum(r['nodes'] for r in rows)} nodes after ONNX Runtime's optimizer, past {args.past}")
+        for r in rows[:8]:
+            print(f"  {r['op']:34s} {r['ms_per_step']:7.3f} ms  {r['nodes']:4d} nodes  {r['share']:6.1%}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"graph": args.graph, "past": args.past, "int8_accuracy": args.int8_accuracy,
-                       "ms_per_step_unprofiled": round(ms_plain, 2), "ops": rows}, f, indent=1)
+            json.dump({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
+                       "past": args.past, "int8_accuracy": args.int8_accuracy, "results": results}, f, indent=1)
     return 0
 
 

@@ -7,10 +7,10 @@ never goes through NumPy. `io_binding=False` is the plain `session.run` loop, ke
 Bundles exported with `--ort-ops contrib` (the default) compute attention with ONNX Runtime's
 GroupQueryAttention, which appends the new token's K/V in place when the past and present of a layer are the
 same buffer. The decode loop then keeps one preallocated buffer per layer (B, KVH, capacity, D), binds it as
-both, and grows it by doubling when full: no copy of the cache per step, which otherwise grows with the
-context (0.5B shape, int8 fast, 2 threads: 18.0 vs 12.7-14.2 tok/s after a 4,096-token prompt, the same
-within noise after 1,024; `skywork-deploy bench B --prompt-len 4096 [--no-kv-in-place]`). The logits are
-bit-identical either way (tests/test_runtime.py).
+both, and grows it by doubling when full: no copy of the cache per step, a cost that grows with the context
+(0.5B shape, int8 fast, 2 threads, after a 4,096-token prompt: 14.5-18.0 tok/s in place, 12.7-14.2 with a
+fresh present per step; the same within noise after 1,024; `skywork-deploy bench B --prompt-len 4096
+[--no-kv-in-place]`). The logits are bit-identical either way (tests/test_runtime.py).
 
 int8 bundles in the standard format (DequantizeLinear + MatMul) are fused by ONNX Runtime into MatMulNBits.
 `int8_accuracy` chooses how they run:
