@@ -100,12 +100,12 @@ def test_kv_in_place_is_bit_identical_to_a_fresh_present_per_step(bundle, prompt
     the logits equal those of the loop that gets a new, longer present every step."""
     from skywork_deploy.runtime import ort_backend
 
-    monkeypatch.setattr(ort_backend.KVBuffers, "GROW", 3)  # grow several times in a dozen steps
+    monkeypatch.setattr(ort_backend.KVBuffers, "GROW", 3)  # full after 3 steps: the buffers grow mid-run
     in_place = make_backend("onnxruntime", bundle, threads=2)
     copying = make_backend("onnxruntime", bundle, threads=2, kv_in_place=False)
     assert in_place.describe()["kv_in_place"] is True and copying.describe()["kv_in_place"] is False
     ids, mask, pos = left_pad(prompt_rows, 0)
-    logits = []
+    logits, caches = [], []
     for backend in (in_place, copying):
         m = mask.copy()
         out, kv = backend.prefill(ids, m, pos)
@@ -115,7 +115,13 @@ def test_kv_in_place_is_bit_identical_to_a_fresh_present_per_step(bundle, prompt
             out, kv = backend.decode(out.argmax(-1)[:, None].astype(np.int64), m, m.sum(-1, keepdims=True) - 1, kv)
             steps.append(out)
         logits.append(np.stack(steps))
-    assert isinstance(kv, list) and kv[0].shape()[2] == ids.shape[1] + 12
+        caches.append(kv)
+    grown, fresh = caches
+    total = ids.shape[1] + 12
+    assert grown.length == total and grown.capacity > ids.shape[1] + 3  # it grew
+    assert all(f.shape()[2] == total for f in fresh)
+    for a, f in zip(grown.arrays, fresh):  # the filled part of each buffer is the fresh present, exactly
+        np.testing.assert_array_equal(a[:, :, :total], f.numpy())
     np.testing.assert_array_equal(logits[0], logits[1])
 
 

@@ -41,19 +41,20 @@ def _functions():
                 value.setType(delta.type())
             return out[0], out[3]
 
-    class Rotary(torch.autograd.Function):
+    def rotate(x, position_ids, cos, sin):
         """x (B, S, N*D) rotated at position_ids (B, S) with tables cos/sin (T, D/2): rotate_half convention."""
+        b, s, hidden = x.shape
+        d = cos.shape[-1] * 2
+        c = torch.cat([cos[position_ids]] * 2, dim=-1)[:, :, None, :]  # (B, S, 1, D)
+        sn = torch.cat([sin[position_ids]] * 2, dim=-1)[:, :, None, :]
+        heads = x.reshape(b, s, hidden // d, d)  # (B, S, N, D)
+        first, second = heads[..., : d // 2], heads[..., d // 2:]
+        return (heads * c + torch.cat([-second, first], dim=-1) * sn).reshape(b, s, hidden)
 
+    class Rotary(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, position_ids, cos, sin):
-            b, s, hidden = x.shape
-            d = cos.shape[-1] * 2
-            c = torch.cat([cos[position_ids]] * 2, dim=-1)[:, :, None, :]  # (B, S, 1, D)
-            sn = torch.cat([sin[position_ids]] * 2, dim=-1)[:, :, None, :]
-            heads = x.reshape(b, s, hidden // d, d)  # (B, S, N, D)
-            first, second = heads[..., : d // 2], heads[..., d // 2:]
-            rotated = heads * c + torch.cat([-second, first], dim=-1) * sn
-            return rotated.reshape(b, s, hidden)
+            return rotate(x, position_ids, cos, sin)
 
         @staticmethod
         def symbolic(g, x, position_ids, cos, sin):
@@ -76,7 +77,7 @@ def _functions():
                 d = q.shape[-1] // (num_heads + 2 * kv_heads)
                 q, k, v = q.split([num_heads * d, kv_heads * d, kv_heads * d], dim=-1)
             if cos is not None:
-                q, k = Rotary.forward(None, q, position_ids, cos, sin), Rotary.forward(None, k, position_ids, cos, sin)
+                q, k = rotate(q, position_ids, cos, sin), rotate(k, position_ids, cos, sin)
             d = k.shape[-1] // kv_heads
             q = q.reshape(b, s, num_heads, d).transpose(1, 2)  # (B, H, S, D)
             k = k.reshape(b, s, kv_heads, d).transpose(1, 2)  # (B, KVH, S, D)

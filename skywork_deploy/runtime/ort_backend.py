@@ -104,28 +104,18 @@ class OrtBackend(Backend):
 
     def decode(self, token_ids, attention_mask, position_ids, kv):
         feeds = {"input_ids": token_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        if self.kv_in_place:
-            return self._step_in_place(feeds, kv)
-        return self._step("decode", feeds, kv)
-
-    def _step_in_place(self, feeds, kv):
-        """One decode step writing the new K/V into `kv`'s buffers (a KVBuffers, or prefill's presents)."""
-        if not isinstance(kv, KVBuffers):
+        if not self.kv_in_place:
+            return self._step("decode", feeds, kv)
+        if not isinstance(kv, KVBuffers):  # the first step after prefill
             kv = KVBuffers.from_presents(kv, self.kv_dtype)
-        kv.reserve(feeds["attention_mask"].shape[1])
-        sess = self.sessions["decode"]
-        io = sess.io_binding()
-        for name, value in feeds.items():
-            io.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.int64))
-        io.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
-        for past, present, buffer in zip(self.past, self.present, kv.buffers):
-            io.bind_ortvalue_input(past, buffer)
-            io.bind_ortvalue_output(present, buffer)  # the same buffer: GroupQueryAttention appends in place
-        sess.run_with_iobinding(io)
-        kv.length = feeds["attention_mask"].shape[1]
-        return last_logits(io.get_outputs()[0].numpy()), kv
+        total = attention_mask.shape[1]
+        kv.reserve(total)
+        logits, _ = self._step("decode", feeds, kv.buffers, into=kv.buffers)  # GQA appends in place
+        kv.length = total
+        return logits, kv
 
-    def _step(self, graph, feeds, kv):
+    def _step(self, graph, feeds, kv, into=None):
+        """Run one graph; `into`: OrtValues to write the presents into (bound as outputs) instead of new ones."""
         sess = self.sessions[graph]
         feeds = {k: np.ascontiguousarray(v, dtype=np.int64) for k, v in feeds.items()}
         if not self.io_binding:
@@ -137,8 +127,12 @@ class OrtBackend(Backend):
             io.bind_cpu_input(name, value)
         for name, value in zip(self.past, kv):
             io.bind_ortvalue_input(name, value)
-        for name in ("logits", *self.present):
-            io.bind_output(name, "cpu")
+        io.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
+        for k, name in enumerate(self.present):
+            if into is None:
+                io.bind_output(name, "cpu")
+            else:
+                io.bind_ortvalue_output(name, into[k])
         sess.run_with_iobinding(io)
         outs = io.get_outputs()
         return last_logits(outs[0].numpy()), list(outs[1:])
@@ -148,36 +142,35 @@ class KVBuffers:
     """Per-layer K/V buffers (B, KVH, capacity, D) of which the first `length` positions are filled.
 
     decode() writes into them and returns the same object: pass back the kv it returned, never an older one.
+    `buffers` are OrtValues over the memory of `arrays` (no copy), so both see what the kernel wrote.
     """
 
-    GROW = 256  # positions added at least when a buffer is full (then doubling)
+    GROW = 256  # room added after prefill; then the capacity doubles whenever it is reached
 
-    def __init__(self, buffers, length):
-        self.buffers, self.length = buffers, length
+    def __init__(self, filled, capacity):
+        self.length = filled[0].shape[2]
+        self._place(filled, capacity)
 
     @classmethod
     def from_presents(cls, presents, dtype):
-        arrays = [np.asarray(p.numpy() if hasattr(p, "numpy") else p, dtype=dtype) for p in presents]
-        kv = cls([], arrays[0].shape[2])
-        kv._allocate(arrays, kv.length + cls.GROW)
-        return kv
+        filled = [np.asarray(p.numpy() if hasattr(p, "numpy") else p, dtype=dtype) for p in presents]
+        return cls(filled, filled[0].shape[2] + cls.GROW)
 
     @property
     def capacity(self):
-        return self.buffers[0].shape()[2]
+        return self.arrays[0].shape[2]
 
     def reserve(self, total):
         """Room for `total` positions (past + the token being decoded)."""
         if total > self.capacity:
-            arrays = [b.numpy()[:, :, :self.length] for b in self.buffers]
-            self._allocate(arrays, max(total, 2 * self.capacity, self.length + self.GROW))
+            self._place([a[:, :, :self.length] for a in self.arrays], max(total, 2 * self.capacity))
 
-    def _allocate(self, arrays, capacity):
+    def _place(self, filled, capacity):
         import onnxruntime as ort
 
-        self._arrays = []  # the OrtValues wrap these arrays' memory: keep them alive
-        for a in arrays:  # (B, KVH, length, D) -> (B, KVH, capacity, D), the tail zeroed
+        arrays = []
+        for a in filled:  # (B, KVH, length, D) -> (B, KVH, capacity, D), the tail zeroed
             big = np.zeros(a.shape[:2] + (capacity,) + a.shape[3:], dtype=a.dtype)
             big[:, :, :a.shape[2]] = a
-            self._arrays.append(big)
-        self.buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
+            arrays.append(big)
+        self.arrays, self.buffers = arrays, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
