@@ -18,6 +18,8 @@ COMMANDS = {
     "compile": ("compile", "compile_", "Write the vamc YAML config, check it, and run the compiler."),
     "run": ("run", "run", "Generate text from an exported bundle (ONNX Runtime, torch or VACC)."),
     "bench": ("bench", "bench", "Measure prefill latency and decode speed of a bundle."),
+    "serve": ("serve", "serve", "Serve a bundle (ONNX Runtime) or a compiled VACC folder (vastgenx) over the OpenAI API."),
+    "eval": ("eval", "eval_", "Score a deployment on math problems with Math-Verify (avg@K, pass@K)."),
     "build": ("build", "build", "Run the whole pipeline into one build folder (CI entry point)."),
 }
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
