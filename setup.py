@@ -6,6 +6,9 @@ ROOT = Path(__file__).parent
 version = {}
 exec((ROOT / "skywork_deploy" / "version.py").read_text(), version)
 
+# `serve`, and `run`/`bench`/`eval --endpoint`: the OpenAI API server (FastAPI + uvicorn + sse-starlette) and client
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "sse-starlette>=2.0"]
+
 setup(
     name="skywork-deploy",
     version=version["__version__"],
@@ -26,6 +29,7 @@ setup(
     package_data={
         "skywork_deploy.build_in": ["build/*.yaml", "*.md"],
         "skywork_deploy.calibration": ["*.gz", "*.json", "*.zip", "*.md", "ceval/*/*.csv"],
+        "skywork_deploy.demo_model": ["*.jsonl", "weights/*.json", "weights/*.safetensors"],
     },
     install_requires=[
         "click>=8.1",
@@ -41,11 +45,13 @@ setup(
         "onnx>=1.16",
         "onnxruntime>=1.18",
         "onnxscript>=0.1",
+        "math-verify>=0.7",  # eval: parse and verify answers
     ],
     extras_require={
         "simplify": ["onnxsim>=0.4"],
         "datasets": ["datasets>=2.19"],
-        "test": ["pytest>=7", "onnxsim>=0.4", "datasets>=2.19"],
+        "serve": SERVE,
+        "test": ["pytest>=7", "onnxsim>=0.4", "datasets>=2.19", *SERVE],
         "bench": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["skywork-deploy=skywork_deploy.cli:main"]},

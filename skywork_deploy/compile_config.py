@@ -1,45 +1,68 @@
 """Stage 5, compile (config half): the `vamc compile` YAML written from the model itself, checked first.
 
-`CompileSettings` holds every option (typed, round-trips through YAML/JSON). `build_config(spec, checkpoint,
-settings)` is the pure mapping to the vendor's layout (REFERENCE.md §3); `check_settings` collects every
-problem a config would have; `plan_compile(folder, settings)` adds the checks that need the model folder
-(patch status, calibration manifest) and the compiler's environment. Nothing here runs the compiler.
+`CompileSettings` holds every option of one compile (typed, round-trips through YAML/JSON); one compile is
+one size, `[[max_input_len], [max_seq_len]]` (VENDOR.md §2: the longest prompt and the longest prompt plus
+answer, not prefill buckets); several sizes are several settings (`expand_sizes`). `build_config(spec,
+checkpoint, settings)` is the pure mapping to the vendor's layout; `check_settings` collects every problem;
+`advise` the warnings (a total length that truncates a reasoning model's answers); `plan_compile(folder,
+settings)` adds the checks that need the model folder (compile_checks.py). Nothing here runs the compiler.
 """
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import yaml
 
 from .errors import ConfigError
-from .spec import ModelSpec, read_config
+from .spec import ModelSpec
 
 DTYPES = ("fp16", "int8")
 QUANTIZE_TYPES = ("w8a16_gptq",)  # the vendor's weight-only int8 with GPTQ calibration
 DEFAULT_QUANTIZE_TYPE = {"fp16": None, "int8": "w8a16_gptq"}
-CALIB_DATASETS = ("c4", "ceval", "alpaca")
-DATASET_KEYS = ("type", "name", "path", "nsamples", "seqlen")
-BUCKET_ALIGN = 16
+LENGTH_ALIGN = 16
+# Skywork-OR1's reasoning traces run 8K-32K tokens (RL stages at 16K and 32K contexts; the vendor's own
+# accuracy runs allow 16,384 answer tokens): a smaller total length cuts most answers short.
+REASONING_TOTAL = 16384
 # The vendor says "models of 32B and more"; nominal sizes are rounded, so the line is drawn at 30e9 counted
 # parameters (Skywork-OR1-32B counts 32.76e9, the 7B 7.62e9, and no Qwen2 size falls in between).
 LARGE_MODEL_PARAMETERS = 30_000_000_000
 LARGE_MODEL_ENV = {"VACC_STACK_SIZE": "256"}
+SEQ_LENS_REPLACED = ("seq_lens was removed: the compiler's input_ids [[A], [B]] is the longest prompt A and the "
+                     "longest prompt plus answer B, not buckets; use max_input_len and max_seq_len "
+                     "(--max-input-len A --max-seq-len B, or --size A:B once per compile)")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+# What check_settings and plan_compile check before anything runs (the compile record lists them).
+PREFLIGHT_CHECKS = {
+    "dtype": "dtype is fp16 or int8",
+    "lengths": "max_input_len and max_seq_len are multiples of 16, input < total <= max_position_embeddings",
+    "tp": "1 <= tp <= attention heads",
+    "align_qkv": "align_qkv is on when tp does not divide the KV heads or the heads",
+    "workspace": "workspace and workers are usable",
+    "name": "the build name is a plain file name",
+    "quantize": "int8 has quantize type w8a16_gptq (and calib_args), fp16 none",
+    "dataset": "calibration manifest or dataset block is complete and for int8",
+    "checkpoint": "the folder carries the current patch and unquantized weights",
+    "calib_tokenizer": "the calibration set was tokenized by this model's tokenizer",
+}
 
 
 @dataclass
 class CompileSettings:
-    """Every setting of a compile; None for `name`/`quantize_type` means the derived default."""
+    """Every setting of one compile; None means the derived default (name, quantize type, align_qkv)."""
 
     dtype: str = "fp16"
     tp: int = 4
-    seq_lens: list = field(default_factory=lambda: [1024, 2048])
+    max_input_len: int = 1024
+    max_seq_len: int = 2048
     b2s: bool = True
+    align_qkv: bool = None  # None: true when tp does not divide the KV heads (or heads), else left out
     workspace: str = "./vacc_deploy"
     workers: int = 4
     name: str = None
+    model_name: str = None  # the name's prefix; None: the model folder's name
     quantize_type: str = None
+    calib_true_sequential: bool = None  # int8: written as frontend.quantize.calib_args.true_sequential
     calib: str = None  # a calibration manifest (file or folder) written by `skywork-deploy calib`
     dataset: dict = None  # or an explicit `dataset:` block (type, name, path, nsamples, seqlen)
 
@@ -51,8 +74,14 @@ class CompileSettings:
     def resolved_name(self, model_name):
         if self.name is not None:
             return self.name
-        buckets = "-".join(str(n) for n in self.seq_lens)
-        return f"{model_name}-{self.dtype}-tp{self.tp}-{buckets}"
+        prefix = self.model_name or model_name
+        return f"{prefix}-{self.dtype}-tp{self.tp}-{self.max_input_len}-{self.max_seq_len}"
+
+    def resolved_align_qkv(self, spec):
+        """True/False to write, or None to leave the key out (the vendor's YAMLs have no align_qkv)."""
+        if self.align_qkv is not None:
+            return self.align_qkv
+        return True if needs_align_qkv(spec, self.tp) else None
 
     def to_dict(self):
         return asdict(self)
@@ -62,23 +91,20 @@ class CompileSettings:
         """Settings from a dict (a YAML/JSON file's content); unknown keys and wrong types are errors."""
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: expected a mapping of settings")
-        types = {"dtype": str, "tp": int, "seq_lens": list, "b2s": bool, "workspace": str, "workers": int,
-                 "name": str, "quantize_type": str, "calib": str, "dataset": dict}
-        problems = [f"{where}: unknown key {key!r} (allowed: {', '.join(types)})"
+        types = {f.name: f.type for f in fields(cls)}
+        nullable = {f.name for f in fields(cls) if f.default is None}
+        problems = [f"{where}: {SEQ_LENS_REPLACED}" if key == "seq_lens" else
+                    f"{where}: unknown key {key!r} (allowed: {', '.join(types)})"
                     for key in data if key not in types]
         for key, value in data.items():
             want = types.get(key)
-            if want is None or value is None and key in ("name", "quantize_type", "calib", "dataset"):
+            if want is None or value is None and key in nullable:
                 continue
-            wrong = not isinstance(value, want) or (want is int and isinstance(value, bool))
-            if key == "seq_lens" and not wrong:
-                wrong = not all(isinstance(n, int) and not isinstance(n, bool) for n in value)
-            if wrong:
-                expected = "a list of integers" if want is list else want.__name__
-                problems.append(f"{where}: {key} is {value!r}, expected {expected}")
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                problems.append(f"{where}: {key} is {value!r}, expected {want.__name__}")
         if problems:
             raise ConfigError("\n".join(problems))
-        return cls(**{k: (list(v) if k == "seq_lens" else v) for k, v in data.items()})
+        return cls(**data)
 
     def to_yaml(self):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -101,9 +127,31 @@ class CompileSettings:
             raise ConfigError(f"{where}: not valid JSON ({exc})") from None
 
 
+def parse_size(value, where="--size"):
+    """'1024:2048', [1024, 2048] or (1024, 2048) -> (1024, 2048); ConfigError naming `where` otherwise."""
+    parts = value.split(":") if isinstance(value, str) else value
+    try:
+        n_in, n_total = (int(p) for p in parts)
+        if any(isinstance(p, (bool, float)) for p in parts):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a size MAX_INPUT_LEN:MAX_SEQ_LEN (e.g. 1024:2048)") from None
+    return n_in, n_total
+
+
+def expand_sizes(settings, sizes):
+    """One CompileSettings per (max_input_len, max_seq_len); `settings` alone when sizes is empty."""
+    if not sizes:
+        return [settings]
+    if settings.name is not None and len(sizes) > 1:
+        raise ConfigError(f"name: {settings.name!r} would name all {len(sizes)} sizes the same: leave it out "
+                          "(each size gets <model>-<dtype>-tp<tp>-<in>-<total>) or compile one size")
+    return [replace(settings, max_input_len=a, max_seq_len=b) for a, b in (parse_size(s) for s in sizes)]
+
+
 def needs_align_qkv(spec, tp):
-    """The vendor's rule: align_qkv when tp does not divide the KV heads."""
-    return isinstance(tp, int) and tp >= 1 and spec.num_kv_heads % tp != 0
+    """align_qkv when tp does not divide the KV heads (VENDOR.md §2), or does not divide the heads."""
+    return _is_int(tp) and tp >= 1 and bool(spec.num_kv_heads % tp or spec.num_heads % tp)
 
 
 def compiler_env(spec):
@@ -129,26 +177,22 @@ def dump_yaml(config):
                      width=1000)
 
 
-def dataset_block(block):
-    """The `dataset:` block with the vendor's key order (unknown keys kept after them, sorted)."""
-    known = {k: block[k] for k in DATASET_KEYS if k in block}
-    return {**known, **{k: block[k] for k in sorted(block) if k not in DATASET_KEYS}}
-
-
 def build_config(spec, checkpoint, settings, dataset=None):
-    """The vamc config as a dict in the vendor's key order (REFERENCE.md §3). Pure: no checks, no I/O."""
+    """The vamc config as a dict in the vendor's key order (VENDOR.md §2). Pure: no checks, no I/O."""
+    from .compile_checks import dataset_block
+
     kwargs = {"b2s": settings.b2s, "tp": settings.tp, "model_arch": "vacc"}
-    if needs_align_qkv(spec, settings.tp):
-        kwargs["align_qkv"] = True
-    frontend = {
-        "checkpoint": str(checkpoint),
-        "type": "huggingface",
-        "shape": {"input_ids": _FlowList(_FlowList([n]) for n in settings.seq_lens)},
-        "model_kwargs": kwargs,
-    }
+    align = settings.resolved_align_qkv(spec)
+    if align is not None:
+        kwargs["align_qkv"] = align
+    shape = _FlowList([_FlowList([settings.max_input_len]), _FlowList([settings.max_seq_len])])
+    frontend = {"checkpoint": str(checkpoint), "type": "huggingface", "shape": {"input_ids": shape},
+                "model_kwargs": kwargs}
     quantize_type = settings.resolved_quantize_type()
     if quantize_type is not None:
         frontend["quantize"] = {"type": quantize_type}
+        if settings.calib_true_sequential is not None:
+            frontend["quantize"]["calib_args"] = {"true_sequential": settings.calib_true_sequential}
     config = {
         "name": settings.resolved_name(spec.name),
         "frontend": frontend,
@@ -170,13 +214,8 @@ def check_settings(spec, settings):
     p = []
     if settings.dtype not in DTYPES:
         p.append(f"dtype: {settings.dtype!r} is not supported (use {' or '.join(DTYPES)})")
-    if settings.tp < 1:
-        p.append(f"tp: {settings.tp} must be at least 1")
-    elif spec.num_heads % settings.tp:
-        divisors = [d for d in range(1, spec.num_heads + 1) if spec.num_heads % d == 0]
-        p.append(f"tp: {settings.tp} does not divide the {spec.num_heads} attention heads of {spec.name} "
-                 f"(use one of {', '.join(map(str, divisors))})")
-    p += _check_buckets(spec, settings.seq_lens)
+    p += check_lengths(spec, settings.max_input_len, settings.max_seq_len)
+    p += _check_tp(spec, settings)
     if settings.workers < 1:
         p.append(f"workers: {settings.workers} must be at least 1")
     if not settings.workspace.strip():
@@ -190,103 +229,74 @@ def check_settings(spec, settings):
         p.append(f"quantize_type: int8 needs a quantize type, got {quantize_type!r} (use {QUANTIZE_TYPES[0]})")
     if settings.dtype == "fp16" and quantize_type is not None:
         p.append(f"quantize_type: {quantize_type!r} is set for an fp16 build (drop it or use --dtype int8)")
+    if settings.dtype == "fp16" and settings.calib_true_sequential is not None:
+        p.append("calib_true_sequential: calibration settings are for int8 builds only (drop "
+                 "--calib-true-sequential/--no-calib-true-sequential or use --dtype int8)")
     if settings.calib is not None and settings.dataset is not None:
         p.append("calib and dataset: give either a calibration manifest or a dataset block, not both")
     return p
 
 
-def _check_buckets(spec, seq_lens):
-    if not seq_lens:
-        return ["seq_lens: empty (give at least one bucket, e.g. 1024,2048)"]
+def check_lengths(spec, max_input_len, max_seq_len):
+    """Problems of one size: both multiples of 16, input < total <= max_position_embeddings."""
     p = []
-    for n in dict.fromkeys(seq_lens):  # each value once, in the given order
-        if n < BUCKET_ALIGN or n % BUCKET_ALIGN:
-            fix = max(BUCKET_ALIGN, -(-n // BUCKET_ALIGN) * BUCKET_ALIGN)
-            p.append(f"seq_lens: {n} is not a positive multiple of {BUCKET_ALIGN} (use {fix})")
-        if n > spec.max_positions:
-            p.append(f"seq_lens: {n} exceeds max_position_embeddings {spec.max_positions} of {spec.name} "
-                     f"(use at most {spec.max_positions // BUCKET_ALIGN * BUCKET_ALIGN})")
-    if list(seq_lens) != sorted(set(seq_lens)):
-        p.append(f"seq_lens: {','.join(map(str, seq_lens))} must be increasing without repeats "
-                 f"(use {','.join(map(str, sorted(set(seq_lens))))})")
+    for key, n in (("max_input_len", max_input_len), ("max_seq_len", max_seq_len)):
+        if not _is_int(n) or n < LENGTH_ALIGN or n % LENGTH_ALIGN:
+            fix = max(LENGTH_ALIGN, -(-n // LENGTH_ALIGN) * LENGTH_ALIGN) if _is_int(n) else 1024
+            p.append(f"{key}: {n} is not a positive multiple of {LENGTH_ALIGN} (use {fix})")
+    if not (_is_int(max_input_len) and _is_int(max_seq_len)):
+        return p
+    if max_input_len >= max_seq_len:
+        p.append(f"max_input_len: {max_input_len} must be below max_seq_len {max_seq_len} (the total is the "
+                 f"prompt plus the answer; e.g. --size {max_input_len}:{2 * max_input_len})")
+    if max_seq_len > spec.max_positions:
+        p.append(f"max_seq_len: {max_seq_len} exceeds max_position_embeddings {spec.max_positions} of "
+                 f"{spec.name} (use at most {spec.max_positions // LENGTH_ALIGN * LENGTH_ALIGN})")
     return p
 
 
-def check_dataset(block, spec, dtype, where="dataset"):
-    """Problems of a `dataset:` block. Its seqlen need not be a multiple of 16: calibration windows go
-    through the frontend's PyTorch model during quantization, not through the compiled buckets."""
-    if not isinstance(block, dict):
-        return [f"{where}: expected a mapping with keys {', '.join(DATASET_KEYS)}"]
-    p = []
-    if dtype != "int8":
-        p.append(f"{where}: calibration data is used by int8 builds only (drop it or use --dtype int8)")
-    missing = [k for k in DATASET_KEYS if k not in block]
-    if missing:
-        p.append(f"{where}: missing {', '.join(missing)} (a block has {', '.join(DATASET_KEYS)})")
-    if "type" in block and block["type"] != "huggingface":
-        p.append(f"{where}.type: {block['type']!r}, the compiler documents only 'huggingface'")
-    name, path = block.get("name"), block.get("path")
-    if "name" in block and name not in CALIB_DATASETS:
-        p.append(f"{where}.name: {name!r} is not one of {', '.join(CALIB_DATASETS)}")
-    if "path" in block and (not isinstance(path, str) or not path.strip()):
-        p.append(f"{where}.path: empty (give a hub id or a local copy of the dataset)")
-    elif isinstance(path, str) and Path(path).exists():
-        if name == "ceval" and not Path(path).is_dir():
-            p.append(f"{where}.path: {path} is not a folder; ceval needs the unzipped ceval-exam folder")
-        if name == "alpaca" and not (Path(path).is_file() and path.endswith(".json")):
-            p.append(f"{where}.path: {path} is not a .json file; alpaca needs alpaca_data_cleaned.json")
-    nsamples, seqlen = block.get("nsamples"), block.get("seqlen")
-    if "nsamples" in block and not (_is_int(nsamples) and nsamples > 0):
-        p.append(f"{where}.nsamples: {nsamples!r} must be a positive integer (the vendor uses 128)")
-    if "seqlen" in block:
-        if not (_is_int(seqlen) and seqlen > 0):
-            p.append(f"{where}.seqlen: {seqlen!r} must be a positive integer (c4 1024, ceval 128, alpaca 512)")
-        elif seqlen > spec.max_positions:
-            p.append(f"{where}.seqlen: {seqlen} exceeds max_position_embeddings {spec.max_positions}")
-    return p
+def _check_tp(spec, settings):
+    tp = settings.tp
+    if tp < 1:
+        return [f"tp: {tp} must be at least 1"]
+    if tp > spec.num_heads:
+        return [f"tp: {tp} is more than the {spec.num_heads} attention heads of {spec.name} "
+                f"(use at most {spec.num_heads})"]
+    if settings.align_qkv is False and needs_align_qkv(spec, tp):
+        return [f"align_qkv: false, but tp {tp} does not divide the {spec.num_kv_heads} KV heads and "
+                f"{spec.num_heads} heads of {spec.name} evenly (drop --no-align-qkv, or use a tp that divides "
+                f"{spec.num_kv_heads})"]
+    return []
+
+
+def advise(spec, settings, reasoning):
+    """Warnings (not errors): a total length that cuts a reasoning model's answers short."""
+    if not reasoning or settings.max_seq_len >= REASONING_TOTAL:
+        return []
+    return [f"max_seq_len: {settings.max_seq_len} tokens in total (prompt + answer) is short for "
+            f"{settings.model_name or spec.name}: "
+            "Skywork-OR1's reasoning traces run 8K-32K tokens (its RL stages trained at 16K and 32K), so most "
+            f"answers will be cut off; the vendor's example configs use 1024:2048 (Skywork-OR1) and "
+            f"2048:4096 (Qwen2.5-7B-Instruct serving); for reasoning use e.g. --size 2048:{REASONING_TOTAL} "
+            "or 4096:32768"]
+
+
+def is_reasoning_model(spec, folder=None):
+    """Skywork-OR1 by name, or any model whose chat template opens a <think> block."""
+    if "or1" in spec.name.lower():
+        return True
+    if folder is None:
+        return False
+    texts = []
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        path = Path(folder) / name
+        if path.is_file():
+            texts.append(path.read_text(encoding="utf-8", errors="replace"))
+    return any("<think>" in text for text in texts)
 
 
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_checkpoint(folder):
-    """Problems of the model folder as a compiler checkpoint: patched with our current files, not int8."""
-    from .patch import patch_status
-
-    status = patch_status(folder)
-    p = [f"checkpoint: {line} (run `skywork-deploy patch {folder}`)" if status["patched"] else
-         f"checkpoint: {line}" for line in status["problems"]]
-    qc = read_config(folder).get("quantization_config")
-    if isinstance(qc, dict) and qc.get("quant_method") == "vacc_w8a16":
-        p.append(f"checkpoint: {folder} holds int8 weights from `skywork-deploy quantize`; the compiler "
-                 "quantizes itself (w8a16_gptq): pass the patched unquantized folder")
-    return p
-
-
-def check_calib_tokenizer(manifest, folder, spec, where="calib"):
-    """The calibration tokens must come from this model's tokenizer and fit its vocabulary.
-
-    `manifest["tokenizer"]` is the calib stage's tokenizer identity: vocab_size (len of the tokenizer) and
-    files ({file name: sha256} of the tokenizer files it loaded from the model folder).
-    """
-    from .fsutil import sha256_file
-
-    tok = manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}
-    p = []
-    vocab = tok.get("vocab_size")
-    if _is_int(vocab) and vocab > spec.vocab_size:
-        p.append(f"{where}: the calibration tokenizer has {vocab} tokens but {spec.name} has {spec.vocab_size} "
-                 "embedding rows (re-run `skywork-deploy calib --model` with this model)")
-    files = tok.get("files") if isinstance(tok.get("files"), dict) else {}
-    for name, digest in sorted(files.items()):
-        mine = Path(folder) / name
-        if isinstance(digest, dict):
-            digest = digest.get("sha256")
-        if not mine.is_file() or isinstance(digest, str) and sha256_file(mine) != digest:
-            p.append(f"{where}: {name} differs from the tokenizer the calibration set was built with "
-                     "(re-run `skywork-deploy calib --model` with this model)")
-    return p
 
 
 @dataclass
@@ -300,6 +310,8 @@ class CompilePlan:
     yaml_text: str
     env: dict
     problems: list
+    warnings: list
+    checks: list  # the PREFLIGHT_CHECKS names that applied (dataset/calib_tokenizer only with calibration data)
 
     @property
     def name(self):
@@ -312,6 +324,7 @@ class CompilePlan:
 
 def plan_compile(model_folder, settings):
     """Read the model folder, build the config and collect every problem (raises only for unreadable input)."""
+    from .compile_checks import check_calib_tokenizer, check_checkpoint, check_dataset, check_tokenizer
     from .errors import InputError
 
     folder = Path(model_folder).expanduser()
@@ -329,8 +342,12 @@ def plan_compile(model_folder, settings):
         problems += check_calib_tokenizer(manifest, folder, spec, where=f"calib ({settings.calib})")
     if dataset is not None:
         problems += check_dataset(dataset, spec, settings.dtype)
+    warnings = advise(spec, settings, is_reasoning_model(spec, folder)) + check_tokenizer(folder)
     config = build_config(spec, folder.resolve(), settings, dataset if isinstance(dataset, dict) else None)
-    return CompilePlan(spec, folder.resolve(), settings, config, dump_yaml(config), compiler_env(spec), problems)
+    skipped = ({"dataset"} if dataset is None else set()) | ({"calib_tokenizer"} if settings.calib is None else set())
+    checks = [name for name in PREFLIGHT_CHECKS if name not in skipped]
+    return CompilePlan(spec, folder.resolve(), settings, config, dump_yaml(config), compiler_env(spec), problems,
+                       warnings, checks)
 
 
 def make_compile_config(model_folder, settings):
@@ -344,53 +361,3 @@ def raise_problems(problems, what):
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(f"{len(problems)} problem(s) in {what}:\n{lines}")
-
-
-def check_vamc_config(path):
-    """Problems of an existing (e.g. hand-edited) vamc YAML: the same checks plus align_qkv and fixed keys."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read a YAML config ({exc})") from None
-    get = _getter(data)
-    p = [f"{path}: {key} is missing" for key in (
-        "name", "frontend.checkpoint", "frontend.shape.input_ids", "frontend.model_kwargs.tp",
-        "backend.dtype", "workspace.path") if get(key) is None]
-    if p:
-        return p
-    for key, want in (("frontend.type", "huggingface"), ("frontend.model_kwargs.model_arch", "vacc"),
-                      ("backend.type", "tvm_vacc")):
-        if get(key) != want:
-            p.append(f"{path}: {key} is {get(key)!r}, expected {want!r}")
-    shape = get("frontend.shape.input_ids")
-    if not (isinstance(shape, list) and all(isinstance(b, list) and len(b) == 1 for b in shape)):
-        return p + [f"{path}: frontend.shape.input_ids must be one [length] per bucket, e.g. [[1024], [2048]]"]
-    quantize_type = get("frontend.quantize.type")
-    if get("backend.dtype") == "int8" and quantize_type is None:
-        p.append(f"{path}: frontend.quantize.type is missing for an int8 build "
-                 "(add quantize: {type: w8a16_gptq} under frontend)")
-    settings = CompileSettings.from_dict({
-        "dtype": get("backend.dtype"), "tp": get("frontend.model_kwargs.tp"), "seq_lens": [b[0] for b in shape],
-        "b2s": bool(get("frontend.model_kwargs.b2s")), "workspace": get("workspace.path"),
-        "workers": get("workspace.workers") or 1, "name": get("name"), "quantize_type": quantize_type,
-        "dataset": data.get("dataset")}, where=str(path))
-    plan = plan_compile(get("frontend.checkpoint"), settings)
-    align = bool(get("frontend.model_kwargs.align_qkv"))
-    if align != needs_align_qkv(plan.spec, settings.tp):
-        want = "true" if not align else "absent (or false)"
-        p.append(f"{path}: frontend.model_kwargs.align_qkv must be {want}: tp {settings.tp} "
-                 f"{'does not divide' if not align else 'divides'} the {plan.spec.num_kv_heads} KV heads")
-    return p + [f"{path}: {line}" for line in plan.problems]
-
-
-def _getter(data):
-    def get(dotted):
-        node = data
-        for key in dotted.split("."):
-            if not isinstance(node, dict) or key not in node:
-                return None
-            node = node[key]
-        return node
-
-    return get

@@ -24,6 +24,10 @@ class ConfigError(InputError):
     """A setting (option, build.yaml key, compiler config value) is invalid."""
 
 
+class UsageError(InputError):
+    """The command line is wrong: a missing or wrong path, an option the command does not take. Exit 2."""
+
+
 class NetworkError(DeployError):
     """A hub id was given but the hub cannot be reached (pass a local folder or file instead)."""
 
@@ -39,3 +43,10 @@ class ExternalToolError(DeployError):
 class BackendUnavailableError(DeployError):
     """A runtime backend (vaststreamx, onnxruntime) is not installed or cannot run here."""
 
+
+class EndpointError(DeployError):
+    """An OpenAI-compatible server answered a request with an error (the message is the server's own)."""
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status

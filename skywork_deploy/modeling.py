@@ -24,10 +24,15 @@ def torch_dtype(name):
 
 
 def _quiet_loading():
+    """transformers at the CLI's library level (errors only unless -v/-vv) and its bars only when ours show."""
     import transformers
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    from .progress import enabled
+    from .verbosity import library_level
+
+    transformers.logging.set_verbosity(library_level())
+    if not enabled():
+        transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*past_key_values.*")
 
 

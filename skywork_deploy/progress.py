@@ -1,6 +1,6 @@
 """One progress bar for every long stage: tqdm on stderr, off with `-q`, off when stderr is not a terminal.
 
-`SKYWORK_DEPLOY_PROGRESS=1` forces bars on (CI logs), `=0` forces them off. The CLI calls `configure()` once
+`SKYWORK_DEPLOY_PROGRESS=1` forces bars on (CI logs) except with `-q`, `=0` forces them off. The CLI calls `configure()` once
 from the group's `-v/-q` options; library code only calls `bar(...)`.
 """
 import os
@@ -10,10 +10,10 @@ _ENABLED = None  # None: decide by the terminal; True / False: forced
 
 
 def configure(enabled=None):
-    """Set the bars on (True), off (False) or by the terminal (None); the environment variable wins."""
+    """Set the bars off (False: `-q`, which wins), else by the environment variable, else by the terminal."""
     global _ENABLED
     env = os.environ.get("SKYWORK_DEPLOY_PROGRESS")
-    _ENABLED = {"1": True, "0": False}.get(env, enabled)
+    _ENABLED = False if enabled is False else {"1": True, "0": False}.get(env, enabled)
 
 
 def enabled():

@@ -20,13 +20,12 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, DeployError, InputError, ModelFormatError
-from .fsutil import atomic_output_dir, peak_rss_bytes, sha256_file, write_json, write_text
+from .fsutil import atomic_output_dir, check_output, peak_rss_bytes, sha256_file, write_json, write_text
 from .manifest import MANIFEST_NAME, write_manifest
 from .spec import ModelSpec, checkpoint_files, read_config, read_safetensors_header
 from . import quantize_report
@@ -349,11 +348,13 @@ def _carry_over(src, dst, qconfig, untie):
 
 
 def quantize_model(model, out, bits=8, include_lm_head=False, evaluate=None, max_shard_bytes=None,
-                   overwrite=False, progress=False):
+                   overwrite=False, progress=False, min_top1=None, max_kl=None):
     """Quantize the checkpoint in folder `model` into the new folder `out`. Returns a result dict.
 
     evaluate: True / False / None (auto: up to EVAL_AUTO_MAX_PARAMS parameters). The check is layer-streamed
     (about one fp32 layer in memory), so --eval works for any size; the limit is only about time.
+    min_top1 / max_kl: the accuracy gate of that check (quantize_report.MIN_TOP1 / MAX_KL when None); outside
+    it, ValidationError and nothing written.
     """
     start = time.perf_counter()
     if bits not in SUPPORTED_BITS:
@@ -361,8 +362,13 @@ def quantize_model(model, out, bits=8, include_lm_head=False, evaluate=None, max
     max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
     folder, out = Path(model), Path(out)
     spec, cfg, files, plans = plan_checkpoint(folder, include_lm_head)
-    if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
-        raise InputError(f"{out}: the output folder must not be the model folder or inside it")
+    check_output(out, [folder], overwrite)  # the output rule, before any work
+    from .patch import remote_code_problems, verify_if_patched
+
+    if not verify_if_patched(folder)["patched"]:  # a tampered patched folder is refused, not copied on
+        problems = remote_code_problems(folder)  # nor code a later trust_remote_code would run
+        if problems:
+            raise ModelFormatError(problems[0])
     skip_reason = "--no-eval" if evaluate is False else None
     if evaluate is None and spec.num_parameters > EVAL_AUTO_MAX_PARAMS:
         skip_reason = (f"{spec.num_parameters / 1e9:.1f}B parameters is above the {EVAL_AUTO_MAX_PARAMS / 1e9:.0f}B "
@@ -372,7 +378,7 @@ def quantize_model(model, out, bits=8, include_lm_head=False, evaluate=None, max
     qconfig = quantization_config(bits, include_lm_head, source_dtype)
     untie = include_lm_head and any(p.out_name != p.name for p in plans)
     shard_bytes = min(max_shard_bytes, max((p.out_bytes for p in plans), default=1))
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, inputs=[folder]) as tmp:
         writer = ShardWriter(tmp, shard_groups(plans, shard_bytes))
         errors = _stream(plans, writer, bits, progress)
         shard_sizes = writer.finish()
@@ -382,6 +388,10 @@ def quantize_model(model, out, bits=8, include_lm_head=False, evaluate=None, max
             report["end_to_end"] = {"skipped": skip_reason}
         else:
             report["end_to_end"] = quantize_report.evaluate(folder, tmp, bits, include_lm_head)
+        quantize_report.check_thresholds(report["end_to_end"], min_top1, max_kl)  # the stated accuracy gate
+        failed = quantize_report.threshold_error(out, report["end_to_end"])
+        if failed:  # outside the thresholds: nothing is left in OUT
+            raise failed
         write_json(tmp / REPORT_NAME, report)
         options = {"bits": bits, "include_lm_head": include_lm_head, "max_shard_bytes": max_shard_bytes,
                    "shard_bytes": shard_bytes, "evaluate": skip_reason is None}
@@ -398,12 +408,10 @@ def quantize_model(model, out, bits=8, include_lm_head=False, evaluate=None, max
 
 def _stream(plans, writer, bits, progress):
     """Quantize or copy every planned tensor into the shard writer; returns {out name: WeightError}."""
-    from tqdm import tqdm
+    from .progress import bar
 
     errors = {}
-    bar = tqdm(plans, desc="quantize", unit="tensor", file=sys.stderr, disable=None if progress else True,
-               leave=False)
-    for item in bar:
+    for item in bar(plans, total=len(plans), desc="quantize", unit="tensor") if progress else plans:
         if item.quantize:
             errors[item.out_name] = quantize_report.WeightError()
             q, scale = _quantize_tensor(item, bits, errors[item.out_name])
@@ -412,5 +420,4 @@ def _stream(plans, writer, bits, progress):
             del q, scale
         else:
             writer.add(item.out_name, _copy_tensor(item))
-    bar.close()
     return errors

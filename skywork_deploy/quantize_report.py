@@ -14,6 +14,13 @@ Definitions (also written into the report):
   folder's logits equal (torch.equal) those of the original model quantized in memory with `quantize(bits)`
   with whole fp32 models (`load_model(...).quantize(bits)`), so only up to EVAL_WHOLE_MAX_PARAMS parameters
   (None above; `bit_identical_check` says so).
+
+The verdict (`end_to_end.passed`) is measured against stated thresholds (`end_to_end.thresholds`):
+top1_agreement >= MIN_TOP1 and mean_kl <= MAX_KL, both against the original model on the fixed prompts.
+Defaults for weight-only per-channel int8 (W8A16), which should be close to lossless: 0.97 lets one greedy
+token in ~50 positions flip at a near-tie (random-init models have near-flat logits), and 0.01 nats is
+about ten times what W8A16 costs a real model's next-token distribution while 4-bit weights typically cost
+more than that. Stricter or looser gates: `--min-top1` / `--max-kl` (build.yaml `quantize.min_top1/max_kl`).
 """
 import gc
 import math
@@ -22,6 +29,8 @@ from .errors import ValidationError
 from .spec import ModelSpec, tokenizer_files
 
 EVAL_WHOLE_MAX_PARAMS = 1_000_000_000  # up to this, bit-identity is also checked on whole fp32 models
+MIN_TOP1 = 0.97  # default gate: share of positions whose greedy token is unchanged by quantization
+MAX_KL = 0.01  # default gate: mean KL(original || quantized) over the positions, nats
 
 DEFINITIONS = {
     "rel_fro": "||W - deq(Q)||_F / ||W||_F per tensor, deq(Q) = Q * scale[:, None] in fp32",
@@ -126,7 +135,7 @@ def compare_logits(ref, got):
             "mean_kl": m["kl_mean"], "min_cosine": m["cosine_min"], "exact": bool(torch.equal(ref, got))}
 
 
-def _streamed(folder, prompts, **quantize):
+def _streamed(folder, prompts, desc, **quantize):
     """(positions, V) fp32 logits of every prompt position, the prompts left-padded into one batch."""
     import torch
 
@@ -139,7 +148,7 @@ def _streamed(folder, prompts, **quantize):
         ids[row, width - len(seq):] = torch.tensor(seq)
         mask[row, width - len(seq):] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = streamed_logits(folder, [(ids, mask, pos)], **quantize)[0]  # (B, S, V)
+    logits = streamed_logits(folder, [(ids, mask, pos)], desc=desc, **quantize)[0]  # (B, S, V)
     return torch.cat([logits[row, width - len(seq):] for row, seq in enumerate(prompts)], dim=0)
 
 
@@ -170,8 +179,8 @@ def evaluate(model_folder, quant_folder, bits, include_lm_head, whole_max_params
     spec = ModelSpec.from_folder(model_folder)
     whole_max_params = EVAL_WHOLE_MAX_PARAMS if whole_max_params is None else whole_max_params
     prompts, source = prompt_ids(model_folder, spec.vocab_size)
-    original = _streamed(model_folder, prompts)
-    quantized = _streamed(quant_folder, prompts)
+    original = _streamed(model_folder, prompts, "check: original")
+    quantized = _streamed(quant_folder, prompts, "check: quantized")
     result = compare_logits(original, quantized)
     result.pop("exact")
     result.update(prompts=len(prompts), prompt_source=source, method="layer-streamed")
@@ -189,6 +198,50 @@ def evaluate(model_folder, quant_folder, bits, include_lm_head, whole_max_params
         raise ValidationError(f"{quant_folder}: logits of the quantized folder differ from the in-memory "
                               f"quantize({bits}) by up to {diff:.3g} (expected bit-identical; please report it)")
     return result
+
+
+def check_thresholds(e2e, min_top1=None, max_kl=None):
+    """Add `thresholds`, `passed` and `failures` to an end-to-end result; raise nothing (the caller decides).
+
+    A check that was skipped stays as it is: unjudged, no `passed` key.
+    """
+    min_top1 = MIN_TOP1 if min_top1 is None else float(min_top1)
+    max_kl = MAX_KL if max_kl is None else float(max_kl)
+    if not 0.0 <= min_top1 <= 1.0 or max_kl < 0:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--min-top1 {min_top1} / --max-kl {max_kl}: min-top1 must be in [0, 1] and max-kl >= 0")
+    if "skipped" in e2e:
+        return e2e
+    e2e["thresholds"] = {"min_top1": min_top1, "max_kl": max_kl}
+    failures = []
+    if not e2e["top1_agreement"] >= min_top1:
+        failures.append(f"top-1 agreement {e2e['top1_agreement']:.1%} < --min-top1 {min_top1:.1%}")
+    if not e2e["mean_kl"] <= max_kl:  # `not <=`: a NaN KL fails
+        failures.append(f"mean KL {e2e['mean_kl']:.3g} nats > --max-kl {max_kl:g}")
+    e2e.update(passed=not failures, failures=failures)
+    return e2e
+
+
+def threshold_error(folder, e2e):
+    """The ValidationError for a result whose thresholds failed (None when it passed or was not checked)."""
+    if e2e.get("passed") is not False:
+        return None
+    return ValidationError(f"{folder}: the quantized model is outside the accuracy thresholds on its check: "
+                           f"{'; '.join(e2e['failures'])} (nothing written; loosen --min-top1 / --max-kl only "
+                           "if that accuracy is acceptable)")
+
+
+def verdict_text(e2e):
+    """`validated (...)`, `FAILED (...)` or `skipped (why)` for the end-to-end check."""
+    if not e2e or "skipped" in e2e:
+        return f"skipped ({(e2e or {}).get('skipped', 'no end-to-end check')})"
+    t = e2e.get("thresholds") or {}
+    figures = (f"top-1 {e2e['top1_agreement']:.1%} >= {t.get('min_top1', MIN_TOP1):.0%}, mean KL "
+               f"{e2e['mean_kl']:.2g} <= {t.get('max_kl', MAX_KL):g} nats")
+    if e2e.get("passed") is False:
+        return f"FAILED ({'; '.join(e2e['failures'])})"
+    return f"validated ({figures})" if e2e.get("passed") else f"measured, not gated ({figures})"
 
 
 def _mb(n):
@@ -215,4 +268,6 @@ def format_table(report):
                      f"mean KL {e2e['mean_kl']:.3g} nats, min cosine {e2e['min_cosine']:.6f}, "
                      f"bit-identical to in-memory quantize: "
                      f"{ {True: 'yes', False: 'no', None: 'not checked'}[e2e['bit_identical_to_in_memory']]}")
+    if e2e:
+        lines.append(f"accuracy verdict: {verdict_text(e2e)}")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ plain, patched and quantized folders. Memory: one layer in fp32, one lm_head blo
 from pathlib import Path
 
 from .errors import ModelFormatError
+from .progress import bar
 from .spec import ModelSpec, checkpoint_files, read_safetensors_header
 
 LM_HEAD_BLOCK_ROWS = 16384  # 235 MB of fp32 rows at hidden 3584
@@ -107,12 +108,13 @@ def _lm_head_block(shards, name, start, stop, int8_lm_head, quantize_bits):
     return w
 
 
-def streamed_logits(folder, batches, quantize_bits=None, include_lm_head=False, last=None):
+def streamed_logits(folder, batches, quantize_bits=None, include_lm_head=False, last=None, desc="reference"):
     """fp32 logits (B, S, V) of every position for each batch (input_ids, attention_mask, position_ids).
 
     Each layer is read once and run on every batch. `quantize_bits` quantizes the original folder's linears
     in memory (as `.quantize(bits, include_lm_head)`); an int8 folder written by `quantize` is read as it is.
     `last` keeps only the last positions before lm_head, (B, last, V): a long prompt's logits are big.
+    `desc` names the progress bar (layers done / total).
     """
     import torch
     import torch.nn.functional as F
@@ -135,9 +137,10 @@ def streamed_logits(folder, batches, quantize_bits=None, include_lm_head=False, 
         del rows
         extras = [(*rotary_cos_sin(pos, head_dim, rope_theta(config), torch.float32),
                    attention_mask_4d(mask, ids_.shape[1])) for ids_, mask, pos in batches]
-        for index in range(config.num_hidden_layers):
+        for index in bar(range(config.num_hidden_layers), total=config.num_hidden_layers, desc=desc, unit="layer"):
             layer = load_layer(shards, config, index, quant.get("bits"), quantize_bits)
-            hidden = [layer(x, cos, sin, mask)[0] for x, (cos, sin, mask) in zip(hidden, extras)]
+            hidden = [layer(x, attention_mask=mask, position_embeddings=(cos, sin))[0]
+                      for x, (cos, sin, mask) in zip(hidden, extras)]
             del layer  # freed by reference counting (no gc.collect: it costs ~0.7 s in a big process)
         norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         norm.weight.data = _to_fp32(shards.get("model.norm.weight"))

@@ -5,6 +5,7 @@
 shards (single file or index plus every shard it names) and checks each exists.
 """
 import json
+import math
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,27 +54,10 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, cfg, name="model", where="config.json"):
-        if cfg.get("model_type") != "qwen2":
-            raise ModelFormatError(
-                f"{where}: model_type is {cfg.get('model_type')!r}, expected 'qwen2' "
-                "(skywork-deploy supports Qwen2 / Skywork-OR1 checkpoints only)")
-        missing = [k for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                               "vocab_size") if not isinstance(cfg.get(k), int)]
-        if missing:
-            raise ModelFormatError(f"{where}: missing or non-integer {', '.join(missing)}")
-        if cfg.get("use_sliding_window"):
-            raise ModelFormatError(f"{where}: use_sliding_window is true; only full attention is supported "
-                                   "(set use_sliding_window to false)")
-        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-        if rope_type not in ("default", None):
-            raise ModelFormatError(f"{where}: rope scaling type {rope_type!r} is not supported "
-                                   "(only default RoPE; remove rope_scaling)")
+        """The spec of a checked config dict (see `check_config`): nothing is allocated before this passes."""
+        check_config(cfg, where)
         heads = cfg["num_attention_heads"]
         kv = cfg.get("num_key_value_heads") or heads
-        if cfg["hidden_size"] % heads or heads % kv:
-            raise ModelFormatError(f"{where}: hidden_size must divide by num_attention_heads and "
-                                   "num_attention_heads by num_key_value_heads")
         theta = cfg.get("rope_theta")
         if theta is None and isinstance(cfg.get("rope_parameters"), dict):
             theta = cfg["rope_parameters"].get("rope_theta")
@@ -90,6 +74,86 @@ class ModelSpec:
     def from_folder(cls, folder):
         folder = Path(folder)
         return cls.from_config(read_config(folder), name=folder.resolve().name, where=str(folder / "config.json"))
+
+
+# Sizes beyond any published Qwen2 (the largest: 80 layers, hidden 8192, vocab 152,064, 128K positions):
+# a config past these cannot describe a real model, and trusting it would make export allocate terabytes.
+LIMITS = {
+    "num_hidden_layers": 256, "hidden_size": 65536, "intermediate_size": 262144, "num_attention_heads": 1024,
+    "num_key_value_heads": 1024, "head_dim": 1024, "vocab_size": 1 << 20, "max_position_embeddings": 1 << 24,
+}
+REQUIRED_SIZES = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+MIN_POSITIONS = 16
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_config(cfg, where="config.json"):
+    """Validate a Qwen2 config dict; raise one ModelFormatError naming the key and the fix."""
+    if not isinstance(cfg, dict):
+        raise ModelFormatError(f"{where}: expected a JSON object")
+    if cfg.get("model_type") != "qwen2":
+        raise ModelFormatError(
+            f"{where}: model_type is {cfg.get('model_type')!r}, expected 'qwen2' "
+            "(skywork-deploy supports Qwen2 / Skywork-OR1 checkpoints only)")
+    missing = [k for k in REQUIRED_SIZES if not _is_int(cfg.get(k))]
+    if missing:
+        raise ModelFormatError(f"{where}: missing or non-integer {', '.join(missing)} (each must be a positive "
+                               "integer, as in the model's original config.json)")
+    for key in REQUIRED_SIZES + OPTIONAL_SIZES:
+        value = cfg.get(key)
+        if key in OPTIONAL_SIZES and value is None:
+            continue
+        if not _is_int(value) or value < 1:
+            raise ModelFormatError(f"{where}: {key} is {value!r}; it must be a positive integer")
+        if value > LIMITS[key]:
+            raise ModelFormatError(f"{where}: {key} is {value}, beyond any published Qwen2 (at most {LIMITS[key]}); "
+                                   "fix config.json")
+    positions = cfg.get("max_position_embeddings")
+    if positions is not None and positions < MIN_POSITIONS:
+        raise ModelFormatError(f"{where}: max_position_embeddings is {positions}; it must be at least "
+                               f"{MIN_POSITIONS}")
+    if cfg.get("use_sliding_window"):
+        raise ModelFormatError(f"{where}: use_sliding_window is true; only full attention is supported "
+                               "(set use_sliding_window to false)")
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ModelFormatError(f"{where}: rope_scaling must be an object or null, not {type(rope).__name__}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise ModelFormatError(f"{where}: rope scaling type {rope_type!r} is not supported "
+                               "(only default RoPE; remove rope_scaling)")
+    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    kv = cfg.get("num_key_value_heads") or heads
+    if hidden % heads:
+        raise ModelFormatError(f"{where}: hidden_size {hidden} does not divide by num_attention_heads {heads}")
+    if heads % kv:
+        raise ModelFormatError(f"{where}: num_attention_heads {heads} does not divide by num_key_value_heads {kv}")
+    head_dim = cfg.get("head_dim") or hidden // heads
+    if head_dim % 2:
+        raise ModelFormatError(f"{where}: the head dimension is {head_dim} (hidden_size / num_attention_heads"
+                               " or head_dim); rotary embeddings need an even head dimension")
+    theta = cfg.get("rope_theta")
+    if theta is None and isinstance(cfg.get("rope_parameters"), dict):
+        theta = cfg["rope_parameters"].get("rope_theta")
+    if theta is not None and not (_is_number(theta) and theta > 0):
+        raise ModelFormatError(f"{where}: rope_theta is {theta!r}; it must be a positive number (e.g. 1000000.0)")
+    eps = cfg.get("rms_norm_eps")
+    if eps is not None and not (_is_number(eps) and 0 < eps < 1):
+        raise ModelFormatError(f"{where}: rms_norm_eps is {eps!r}; it must be a small positive number (e.g. 1e-06)")
+    tie = cfg.get("tie_word_embeddings")
+    if tie is not None and not isinstance(tie, bool):
+        raise ModelFormatError(f"{where}: tie_word_embeddings is {tie!r}; it must be true or false")
+    dtype = cfg.get("torch_dtype") or cfg.get("dtype")
+    if dtype is not None and not isinstance(dtype, str):
+        raise ModelFormatError(f"{where}: torch_dtype is {dtype!r}; it must be a string such as \"bfloat16\"")
 
 
 def read_json(path):
@@ -154,11 +218,34 @@ def read_safetensors_header(path):
             raise ModelFormatError(f"{path}: corrupt safetensors header (re-download or re-save it)") from None
     if not isinstance(header, dict):
         raise ModelFormatError(f"{path}: corrupt safetensors header (re-download or re-save it)")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    end = max((_check_entry(path, k, v) for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise ModelFormatError(f"{path}: truncated safetensors file, {size} bytes but the header needs "
                                f"{8 + n + end} (re-download it)")
     return header
+
+
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+               "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def _check_entry(path, name, entry):
+    """One tensor entry of a safetensors header, checked; returns the end offset of its data."""
+    bad = f"{path}: corrupt safetensors header entry {name!r}"
+    if not isinstance(entry, dict):
+        raise ModelFormatError(f"{bad} (not an object; re-download or re-save the file)")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_BYTES:
+        raise ModelFormatError(f"{bad}: unknown dtype {dtype!r} (re-download or re-save the file)")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ModelFormatError(f"{bad}: shape {shape!r} is not a list of non-negative integers (re-download it)")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise ModelFormatError(f"{bad}: data_offsets {offsets!r} are not [start, end] (re-download it)")
+    if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[dtype]:
+        raise ModelFormatError(f"{bad}: shape {shape} of {dtype} does not match its {offsets[1] - offsets[0]} "
+                               "data bytes (re-download or re-save the file)")
+    return offsets[1]
 
 
 def tokenizer_files(folder):

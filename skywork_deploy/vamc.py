@@ -2,8 +2,10 @@
 
 The command is a list (no shell), logged with `shlex.join`; the compiler runs in its own process group so a
 timeout or Ctrl-C ends it and everything it started. Its output goes to the terminal and to
-`<workspace>/<name>.compile.log`. After a zero exit, `<workspace>/<name>/` must exist and hold files written
-by this run. That output layout is our assumption: the real vamc's was not available to verify.
+`<workspace>/<name>.compile.log`. After a zero exit, `<workspace>/<name>/` must hold at least one model suite
+(mod.so, mod.json, mod.params) written by this run, each recorded with its sha256, and a `tokenizer/` that
+`vastgenx serve` reads (copied from the checkpoint when vamc did not write one): compile_output.py. That
+layout is inferred from the vendor's documents; no real vamc was available to verify it.
 """
 import collections
 import logging
@@ -19,7 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from .compile_config import plan_compile, raise_problems
+from .compile_config import PREFLIGHT_CHECKS, plan_compile, raise_problems
+from .compile_output import OUTPUT_CHECKS, find_suites, provide_tokenizer, rank_warnings
 from .errors import ConfigError, ExternalToolError, InputError
 from .fsutil import sha256_file, write_text
 from .manifest import write_manifest
@@ -43,8 +46,8 @@ def find_vamc(explicit=None, environ=None):
     found = shutil.which("vamc", path=environ.get("PATH"))
     if found is None:
         raise ExternalToolError(
-            f"vamc not found: --vamc not given, {ENV_VAR} not set, no `vamc` in PATH "
-            f"({environ.get('PATH', '')}); install VastAI's compiler toolchain or pass --vamc PATH")
+            f"vamc not found: --vamc not given, {ENV_VAR} not set, no `vamc` on PATH; install VastAI's "
+            "compiler toolchain or pass --vamc PATH")
     return str(Path(found).absolute())
 
 
@@ -53,6 +56,7 @@ def vamc_command(vamc, config_path):
 
 
 def _read_config(config_path):
+    """(name, workspace path, checkpoint or None, tp or None) of a vamc YAML."""
     try:
         data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
         name, workspace = data["name"], data["workspace"]["path"]
@@ -60,7 +64,9 @@ def _read_config(config_path):
         raise ConfigError(f"{config_path}: not a vamc config with name and workspace.path ({exc})") from None
     if not (isinstance(name, str) and isinstance(workspace, str)):
         raise ConfigError(f"{config_path}: name and workspace.path must be strings")
-    return name, workspace
+    frontend = data.get("frontend") if isinstance(data.get("frontend"), dict) else {}
+    kwargs = frontend.get("model_kwargs") if isinstance(frontend.get("model_kwargs"), dict) else {}
+    return name, workspace, frontend.get("checkpoint"), kwargs.get("tp")
 
 
 def _pump(stream, sinks, tail):
@@ -108,14 +114,15 @@ def _tail_text(tail, log_path):
 
 
 def run_vamc(config_path, vamc=None, timeout=None, env=None, cwd=None, echo=None):
-    """Run `vamc compile config_path`; returns a result dict. Raises ExternalToolError on any failure.
+    """Run `vamc compile config_path` and check what it wrote; returns a result dict.
 
+    Raises ExternalToolError on any failure (the message carries the command and the log's tail).
     `env`: extra variables (e.g. VACC_STACK_SIZE); `cwd`: where vamc runs (relative workspaces resolve
     there; default the current folder); `echo`: a text stream that also receives the output (None: none).
     """
     cwd = Path(cwd or Path.cwd())
     config_path = Path(config_path).absolute()
-    name, workspace = _read_config(config_path)
+    name, workspace, checkpoint, tp = _read_config(config_path)
     workspace = cwd / workspace
     out_dir = workspace / name
     command = vamc_command(find_vamc(vamc), config_path)
@@ -147,23 +154,23 @@ def run_vamc(config_path, vamc=None, timeout=None, env=None, cwd=None, echo=None
     seconds = round(time.monotonic() - start, 3)
     if returncode != 0:
         raise ExternalToolError(f"vamc failed with exit code {returncode}: {line}; {_tail_text(tail, log_path)}")
-    outputs = _new_outputs(out_dir, start_wall)
+    suites = find_suites(out_dir, start_wall, tail=f"; {line}; {_tail_text(tail, log_path)}")
+    warnings = rank_warnings(suites, tp) if isinstance(tp, int) and tp >= 1 else []
+    tokenizer = provide_tokenizer(out_dir, checkpoint) if checkpoint else {
+        "source": None, "files": {}, "chat_template": False, "note": "the config names no checkpoint"}
+    if not tokenizer["files"]:
+        warnings.append(f"{out_dir / 'tokenizer'}: no tokenizer ({tokenizer['note']}); vastgenx serve needs one")
+    elif not tokenizer["chat_template"]:
+        warnings.append(f"{out_dir / 'tokenizer'}: no chat template; chat completions will not use the model's format")
+    for text in warnings:
+        log.warning("%s", text)
+    outputs = {str(p.relative_to(out_dir)): p.stat().st_size for p in sorted(out_dir.rglob("*")) if p.is_file()}
+    tokenizer_ok = bool(tokenizer["files"]) and tokenizer["chat_template"]
+    checks = [{"name": k, "what": v, "result": "passed" if k != "tokenizer" or tokenizer_ok else "warning"}
+              for k, v in OUTPUT_CHECKS.items()]
     return {"command": command, "command_line": line, "returncode": returncode, "log": str(log_path),
-            "output_dir": str(out_dir), "outputs": outputs, "seconds": seconds}
-
-
-def _new_outputs(out_dir, since):
-    """{relative file: size} in the expected output folder; error if absent, empty or not from this run."""
-    if not out_dir.is_dir():
-        raise ExternalToolError(f"vamc exited 0 but did not create {out_dir} (the expected output folder "
-                                "<workspace.path>/<name>; check the log)")
-    files = sorted(p for p in out_dir.rglob("*") if p.is_file())
-    if not files:
-        raise ExternalToolError(f"vamc exited 0 but {out_dir} is empty (check the log)")
-    if max(p.stat().st_mtime for p in files) < since - 1:
-        raise ExternalToolError(f"vamc exited 0 but wrote nothing new in {out_dir} (its files predate this "
-                                "run; check the log)")
-    return {str(p.relative_to(out_dir)): p.stat().st_size for p in files}
+            "output_dir": str(out_dir), "suites": suites, "tokenizer": tokenizer, "outputs": outputs,
+            "seconds": seconds, "compiled": True, "output_checks": checks, "warnings": warnings}
 
 
 def write_config(path, text):
@@ -186,21 +193,49 @@ def write_config(path, text):
     return {"path": str(path), "written": True, "backup": backup}
 
 
-def compile_model(model_folder, settings, vamc=None, timeout=None, dry_run=False, config_out=None, cwd=None,
-                  echo=None):
-    """Check, write the config, and (unless dry_run) run vamc. Raises ConfigError listing every problem.
+def compile_model(model_folder, settings, **kwargs):
+    """One compile (see compile_models); returns its result dict."""
+    return compile_models(model_folder, [settings], **kwargs)[0]
 
-    The config goes to `config_out`, else `<workspace>/<name>.yaml`. Returns a result dict; a real run also
-    writes `<workspace>/<name>.manifest.json`.
+
+def compile_models(model_folder, settings_list, vamc=None, timeout=None, dry_run=False, config_out=None, cwd=None,
+                   echo=None, config_dir=None):
+    """Check every size first, then write each config and (unless dry_run) run vamc on it, one by one.
+
+    Raises ConfigError listing every problem of every size before anything runs. Each config goes to
+    `config_out` (one size only), else `config_dir/<name>.yaml` (written in a dry run too), else
+    `<workspace>/<name>.yaml`. Returns one result dict per size, each
+    with `compiled` (true only after vamc ran and its output passed the checks) and `checks` (every check
+    run); a real run also writes `<workspace>/<name>.manifest.json` with the suites and their sha256.
     """
-    plan = plan_compile(model_folder, settings)
-    raise_problems(plan.problems, f"the compile config for {plan.checkpoint}")
+    plans = [plan_compile(model_folder, s) for s in settings_list]
+    several = len(plans) > 1
+    problems = [f"{p.name}: {line}" if several else line for p in plans for line in p.problems]
+    names = [p.name for p in plans]
+    problems += [f"name: {n} is given by {names.count(n)} sizes (give each size once)"
+                 for n in dict.fromkeys(names) if names.count(n) > 1]
+    if config_out and several:
+        problems.append(f"--config-out {config_out}: names one file but {len(plans)} sizes are compiled "
+                        "(leave it out: each config goes to <workspace>/<name>.yaml)")
+    raise_problems(problems, f"the compile config for {plans[0].checkpoint}")
+    if not dry_run:
+        find_vamc(vamc)  # fail before writing anything when there is no compiler
     cwd = Path(cwd or Path.cwd())
+    return [_compile_one(plan, vamc, timeout, dry_run, config_out or (Path(config_dir) / f"{plan.name}.yaml"
+                                                                     if config_dir else None), cwd, echo)
+            for plan in plans]
+
+
+def _compile_one(plan, vamc, timeout, dry_run, config_out, cwd, echo):
     workspace = cwd / plan.workspace
     config_path = Path(config_out) if config_out else workspace / f"{plan.name}.yaml"
-    result = {"name": plan.name, "model": str(plan.checkpoint), "settings": settings.to_dict(),
+    for text in plan.warnings:
+        log.warning("%s", text)
+    checks = [{"name": k, "what": PREFLIGHT_CHECKS[k], "result": "passed"} for k in plan.checks]
+    result = {"name": plan.name, "model": str(plan.checkpoint), "settings": plan.settings.to_dict(),
               "config_path": str(config_path), "yaml": plan.yaml_text, "env": plan.env,
-              "num_parameters": plan.spec.num_parameters, "dry_run": dry_run, "config_written": None}
+              "num_parameters": plan.spec.num_parameters, "dry_run": dry_run, "config_written": None,
+              "compiled": False, "checks": checks, "warnings": list(plan.warnings)}
     if dry_run:
         try:
             found, missing = find_vamc(vamc), None
@@ -212,15 +247,16 @@ def compile_model(model_folder, settings, vamc=None, timeout=None, dry_run=False
         result.update(command=command, vamc_missing=missing,
                       command_line=shlex.join([f"{k}={v}" for k, v in sorted(plan.env.items())] + command))
         return result
-    find_vamc(vamc)  # fail before writing anything when there is no compiler
     result["config_written"] = write_config(config_path, plan.yaml_text)
     run = run_vamc(config_path, vamc=vamc, timeout=timeout, env=plan.env, cwd=cwd, echo=echo)
-    result.update(run)
+    result.update({k: v for k, v in run.items() if k not in ("output_checks", "warnings")},
+                  checks=checks + run["output_checks"], warnings=result["warnings"] + run["warnings"])
     write_manifest(workspace, "compile", name=f"{plan.name}.manifest.json", model=str(plan.checkpoint),
-                   settings=settings.to_dict(), config={"path": str(config_path),
-                                                        "sha256": sha256_file(config_path)},
+                   settings=plan.settings.to_dict(), config={"path": str(config_path),
+                                                             "sha256": sha256_file(config_path)},
                    env=plan.env, command=run["command"], seconds=run["seconds"], log=run["log"],
-                   output_dir=run["output_dir"], outputs=run["outputs"])
+                   output_dir=run["output_dir"], compiled=True, checks=result["checks"], suites=run["suites"],
+                   tokenizer=run["tokenizer"], warnings=result["warnings"], outputs=run["outputs"])
     return result
 
 

@@ -1,32 +1,69 @@
-"""Export-friendly Qwen2 for the VACC flow (loaded with trust_remote_code).
+"""Export-friendly Qwen2 for the VACC flow (loaded with trust_remote_code), a drop-in for transformers' Qwen2.
 
-A compact Qwen2 that loads a stock Hugging Face Qwen2 checkpoint unchanged (same parameter names) and
-computes what transformers' eager Qwen2 computes, written so that tracing it gives a clean graph:
+Same class names, module tree and parameter names as stock Qwen2, and the signatures and return types of
+transformers 4.4x at every level (Qwen2ForCausalLM, Qwen2Model, Qwen2DecoderLayer, Qwen2Attention), so
+whatever drives a stock Qwen2 (generate, GPTQ layer replay, torch.jit.trace, torch.onnx.export) drives this
+one. It computes what transformers' eager Qwen2 computes, written so that every exporter since torch 2.1
+writes a valid graph:
 
-- eager attention with an explicit attention mask (left padding) and `torch.where` masking with the
-  dtype's own finite minimum, so fp16 never sees -inf;
-- the KV cache is explicit: `past_key_values` is a tuple of (key, value) tensors per layer, shaped
-  (B, KVH, P, D), and the same structure comes back as `present`; no cache objects in the graph;
-- RMSNorm variance in fp32;
-- `iter_num` selects the graph: 0 is prefill ("iter0"), 1 is decode ("iter1"); with
-  `config.insert_slice` the prefill keeps only the last position before lm_head ("strided_slice");
-- `quantize(8)` swaps q/k/v/o/gate/up/down of every layer for per-channel int8 W8A16 linears.
+- eager attention; masking by `masked_fill` with the dtype's finite minimum (fp16 never sees -inf, and the
+  fill constant is typed like the scores); RMSNorm variance in fp32; rotary tables computed from float32
+  tensors;
+- caches: legacy per-layer `(key, value)` tuples (B, KVH, T, D) in -> tuples out (no cache object in the
+  graph), a transformers `Cache` in -> the same cache out;
+- the vendor's graph switches are read from the config once, at construction: `iter_num` (0 prefill "iter0",
+  1 decode "iter1") and `insert_slice` (the prefill keeps only the last position before lm_head); our own
+  exporter may still pass `iter_num=` to forward;
+- `quantize(8)` swaps q/k/v/o/gate/up/down of every layer for W8A16 linears that export as
+  `Vastai::QuantizedLinearPerChannel`.
 
-Works under transformers 4.45.2 (the vendor compiler's pin) and 5.x.
+Tested under transformers 4.45.2 (the vendor compiler's pin; torch 2.1.0 and 2.13) and 5.x; written for 4.37+.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, __version__ as _TRANSFORMERS_VERSION
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+try:
+    from transformers.cache_utils import Cache
+except ImportError:  # older than 4.36: legacy tuples only
+    Cache = ()
 
 # Relative imports only: trust_remote_code copies these three files as one package.
 from .configuration_qwen2_vacc import Qwen2Config, rope_theta, unsupported_reason
-from .quantization_vacc import QUANT_METHOD, QuantizedLinearPerChannel, quantize_linear_modules
+from .quantization_vacc import QUANT_METHOD, QuantizedLinearPerChannel, quantize as _quantize
 
 _TRANSFORMERS_MAJOR = int(_TRANSFORMERS_VERSION.split(".")[0])
+# transformers >= 5.2x names the cache `cache` (outputs and keywords); earlier versions `past_key_values`
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PROJECTIONS = ATTN_PROJECTIONS + ("gate_proj", "up_proj", "down_proj")
+
+
+def _cache_kwarg(past, kwargs):
+    """The cache wherever the caller put it: `past_key_value(s)` (4.x), `cache` (5.2x), `past` (older)."""
+    for name in ("cache", "past_key_values", "past_key_value", "past"):
+        if kwargs.get(name) is not None:
+            past = kwargs.pop(name)
+    return past
+
+
+def _return_dict(config, value):
+    """`return_dict` as transformers resolves it (tuples when the config says torchscript)."""
+    if value is not None:
+        return value
+    return bool(getattr(config, "return_dict", True)) and not getattr(config, "torchscript", False)
+
+
+def _past_length(past, layer_idx=0):
+    """Cached positions in a Cache, a model's tuple of per-layer (key, value), or one layer's (key, value)."""
+    if isinstance(past, Cache):
+        return past.get_seq_length(layer_idx)
+    if past is None or len(past) == 0:
+        return 0
+    return past[0].shape[2] if torch.is_tensor(past[0]) else past[layer_idx][0].shape[2]
 
 
 class Qwen2RMSNorm(nn.Module):
@@ -35,9 +72,9 @@ class Qwen2RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
-    def forward(self, x):
-        dtype = x.dtype
-        x = x.to(torch.float32)  # fp16 x.pow(2) overflows for |x| > 256
+    def forward(self, hidden_states):
+        dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)  # fp16 x.pow(2) overflows for |x| > 256
         variance = x.pow(2).mean(-1, keepdim=True)
         x = x * torch.rsqrt(variance + self.variance_epsilon)
         return self.weight * x.to(dtype)
@@ -45,8 +82,9 @@ class Qwen2RMSNorm(nn.Module):
 
 def rotary_cos_sin(position_ids, head_dim, theta, dtype):
     """cos/sin tables for explicit position ids: (B, S) -> two (B, S, D) tensors."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    inv_freq = inv_freq.to(position_ids.device)
+    base = torch.full((), theta, dtype=torch.float32, device=position_ids.device)  # typed: no double in the graph
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim
+    inv_freq = base.pow(exponent).reciprocal()  # (D/2,)
     inv = inv_freq[None, :, None].expand(position_ids.shape[0], -1, 1)  # (B, D/2, 1)
     pos = position_ids[:, None, :].float()  # (B, 1, S)
     freqs = (inv @ pos).transpose(1, 2)  # (B, S, D/2)
@@ -65,7 +103,10 @@ def apply_rotary(x, cos, sin):
 
 
 def attention_mask_4d(attention_mask, query_len):
-    """Boolean (B, 1, S, P+S) mask: key j visible to query i when j is not padding and j <= P + i."""
+    """Boolean (B, 1, S, P+S) keep-mask from a 2-D (B, P+S) one: key j visible to query i when j is not
+    padding and j <= P + i. A 4-D mask (boolean keep-mask or additive float) is returned as it is."""
+    if attention_mask.dim() == 4:
+        return attention_mask
     total = attention_mask.shape[1]
     past = total - query_len
     q_pos = torch.arange(query_len, device=attention_mask.device)[:, None] + past  # (S, 1)
@@ -76,10 +117,12 @@ def attention_mask_4d(attention_mask, query_len):
 
 
 class Qwen2Attention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer_idx=0):
         super().__init__()
+        self.config, self.layer_idx = config, layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads or config.num_attention_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.scaling = self.head_dim ** -0.5
         hidden = config.hidden_size
@@ -88,27 +131,55 @@ class Qwen2Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
-    def forward(self, x, cos, sin, mask, past=None):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
+                output_attentions=False, use_cache=False, cache_position=None, position_embeddings=None,
+                **kwargs):
+        """transformers 4.4x: -> (attn_output (B, S, hidden), attn_weights or None, past_key_value)."""
+        past = _cache_kwarg(past_key_value, kwargs)
+        b, s, _ = hidden_states.shape
+        past_len = _past_length(past, self.layer_idx)
+        if position_embeddings is None:
+            if position_ids is None:
+                position_ids = torch.arange(past_len, past_len + s, device=hidden_states.device)[None].expand(b, -1)
+            position_embeddings = rotary_cos_sin(position_ids, self.head_dim, rope_theta(self.config),
+                                                 hidden_states.dtype)
+        if attention_mask is None:
+            attention_mask = torch.ones(b, past_len + s, dtype=torch.long, device=hidden_states.device)
+        mask = attention_mask_4d(attention_mask, s)
+        extra = {"return_weights": True} if output_attentions else {}
+        out = self.attend(hidden_states, *position_embeddings, mask, past, **extra)
+        return out[0], (out[2] if output_attentions else None), out[1]
+
+    def attend(self, x, cos, sin, mask, past=None, return_weights=False):
+        """The attention math: x (B, S, hidden), cos/sin (B, S, D), mask (B, 1, S, T) boolean keep-mask or
+        additive float, past None, (key, value) or a Cache -> (output (B, S, hidden), present[, weights])."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, H, S, D)
         k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, KVH, S, D)
         v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, KVH, S, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)  # (B, KVH, P+S, D)
-            v = torch.cat([past[1], v], dim=2)
-        present = (k, v)
-        n_rep = self.num_heads // self.num_kv_heads
+        if isinstance(past, Cache):
+            k, v = past.update(k, v, self.layer_idx)  # (B, KVH, P+S, D)
+            present = past
+        else:
+            if past is not None:
+                k = torch.cat([past[0], k], dim=2)  # (B, KVH, P+S, D)
+                v = torch.cat([past[1], v], dim=2)
+            present = (k, v)
+        n_rep = self.num_key_value_groups
         if n_rep > 1:  # GQA: (B, KVH, T, D) -> (B, KVH, n_rep, T, D) -> (B, H, T, D)
             t = k.shape[2]
             k = k[:, :, None].expand(b, self.num_kv_heads, n_rep, t, self.head_dim).reshape(b, -1, t, self.head_dim)
             v = v[:, :, None].expand(b, self.num_kv_heads, n_rep, t, self.head_dim).reshape(b, -1, t, self.head_dim)
         scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling  # (B, H, S, T)
-        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)  # finite in fp16 too
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(mask.logical_not(), torch.finfo(scores.dtype).min)  # finite in fp16
+        else:  # an additive float mask given by the caller, as stock Qwen2 takes it
+            scores = scores + mask[..., : k.shape[2]].to(scores.dtype)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(probs, v)  # (B, H, S, D)
         out = out.transpose(1, 2).reshape(b, s, -1)  # (B, S, H*D)
-        return self.o_proj(out), present
+        return (self.o_proj(out), present, probs) if return_weights else (self.o_proj(out), present)
 
 
 class Qwen2MLP(nn.Module):
@@ -118,31 +189,44 @@ class Qwen2MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.act_fn = nn.SiLU()
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Qwen2DecoderLayer(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer_idx=0):
         super().__init__()
-        self.self_attn = Qwen2Attention(config)
+        self.hidden_size = config.hidden_size
+        self.self_attn = Qwen2Attention(config, layer_idx)
         self.mlp = Qwen2MLP(config)
         self.input_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, past=None):
-        attn, present = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
-        x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, present
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
+                output_attentions=False, use_cache=False, cache_position=None, position_embeddings=None,
+                **kwargs):
+        """transformers 4.4x: -> (hidden_states,) + (attn_weights,) if output_attentions + (present,) if
+        use_cache; the present is this layer's (key, value) for a tuple cache, else the Cache itself."""
+        past = _cache_kwarg(past_key_value, kwargs)
+        attn, weights, present = self.self_attn(
+            self.input_layernorm(hidden_states), attention_mask=attention_mask, position_ids=position_ids,
+            past_key_value=past, output_attentions=output_attentions, position_embeddings=position_embeddings)
+        h = hidden_states + attn
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return (h,) + ((weights,) if output_attentions else ()) + ((present,) if use_cache else ())
 
 
 class Qwen2PreTrainedModel(PreTrainedModel):
     config_class = Qwen2Config
     base_model_prefix = "model"
+    supports_gradient_checkpointing = False
     _no_split_modules = ["Qwen2DecoderLayer"]
+    _skip_keys_device_placement = "past_key_values"
     _supports_sdpa = False
+    _supports_flash_attn_2 = False
+    _supports_cache_class = True
 
     def _init_weights(self, module):
         std = getattr(self.config, "initializer_range", 0.02)
@@ -162,8 +246,12 @@ class Qwen2Model(Qwen2PreTrainedModel):
         reason = unsupported_reason(config)
         if reason:
             raise ValueError(reason)
+        self.iter_num = int(getattr(config, "iter_num", 0))  # the vendor's graph switches, read once
+        self.insert_slice = bool(getattr(config, "insert_slice", False))
+        self.padding_idx = getattr(config, "pad_token_id", None)
+        self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Qwen2DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_init()
 
@@ -173,19 +261,68 @@ class Qwen2Model(Qwen2PreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None):
-        x = self.embed_tokens(input_ids)  # (B, S, hidden)
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, iter_num=None, **kwargs):
+        past = _cache_kwarg(past_key_values, kwargs)
+        cache_position = kwargs.pop("cache_position", None)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Qwen2Model: pass exactly one of input_ids or inputs_embeds")
+        cfg = self.config
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        return_dict = _return_dict(cfg, return_dict)
+        if isinstance(past, (tuple, list)) and len(past) == 0:
+            past = None
+        b, s = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+        past_len = _past_length(past)
+        device = (input_ids if inputs_embeds is None else inputs_embeds).device
+        if attention_mask is None:
+            attention_mask = torch.ones(b, past_len + s, dtype=torch.long, device=device)
+        if position_ids is None:  # as stock: positions continue the cache (cache_position)
+            start = torch.arange(past_len, past_len + s, device=device) if cache_position is None else cache_position
+            position_ids = start[None].expand(b, -1)
+        want_hidden = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        want_attn = cfg.output_attentions if output_attentions is None else output_attentions
+        # optional arguments only when asked: export patches replace `core` by a 4-argument function
+        extras = {k: v for k, v in (("inputs_embeds", inputs_embeds), ("all_hidden_states", [] if want_hidden
+                                    else None), ("all_attentions", [] if want_attn else None)) if v is not None}
+        hidden, presents = self.core(input_ids, attention_mask, position_ids, past, **extras)
+        hidden_out, attn_out = extras.get("all_hidden_states"), extras.get("all_attentions")
+        if (self.iter_num if iter_num is None else iter_num) == 0 and self.insert_slice:
+            hidden = hidden[:, -1:, :]  # (B, 1, hidden): the vendor's prefill "strided_slice"
+        if hidden_out is not None:
+            hidden_out.append(hidden)
+        out = BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_FIELD: presents if use_cache else None},
+                                      hidden_states=None if hidden_out is None else tuple(hidden_out),
+                                      attentions=None if attn_out is None else tuple(attn_out))
+        return out if return_dict else out.to_tuple()
+
+    def core(self, input_ids, attention_mask, position_ids, past_key_values=None, inputs_embeds=None,
+             all_hidden_states=None, all_attentions=None):
+        """The decoder stack: ids (B, S), 2-D mask (B, P+S) (or 4-D), positions (B, S), past None, tuples or a
+        Cache -> (final-normed hidden (B, S, hidden), presents: tuples or the Cache). Lists given as
+        `all_hidden_states` / `all_attentions` receive each layer's input / attention weights."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, S, hidden)
         head_dim = self.layers[0].self_attn.head_dim
         cos, sin = rotary_cos_sin(position_ids, head_dim, rope_theta(self.config), x.dtype)
-        mask = attention_mask_4d(attention_mask, input_ids.shape[1])
+        mask = attention_mask_4d(attention_mask, x.shape[1])
+        is_cache = isinstance(past_key_values, Cache)
         presents = []
         for i, layer in enumerate(self.layers):
-            x, present = layer(x, cos, sin, mask, None if past_key_values is None else past_key_values[i])
-            presents.append(present)
-        return self.norm(x), tuple(presents)
+            if all_hidden_states is not None:
+                all_hidden_states.append(x)
+            past = past_key_values if is_cache or past_key_values is None else past_key_values[i]
+            out = layer(x, attention_mask=mask, position_ids=position_ids, past_key_value=past,
+                        output_attentions=all_attentions is not None, use_cache=True,
+                        position_embeddings=(cos, sin))
+            x = out[0]
+            if all_attentions is not None:
+                all_attentions.append(out[1])
+            presents.append(out[-1])
+        return self.norm(x), (past_key_values if is_cache else tuple(presents))
 
 
-class Qwen2ForCausalLM(Qwen2PreTrainedModel):
+class Qwen2ForCausalLM(Qwen2PreTrainedModel, GenerationMixin):
     # transformers 5.x declares ties as {target: source}; 4.x as a list of tied names.
     _tied_weights_keys = (
         {"lm_head.weight": "model.embed_tokens.weight"} if _TRANSFORMERS_MAJOR >= 5 else ["lm_head.weight"]
@@ -194,6 +331,7 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.model = Qwen2Model(config)
+        self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         quant = getattr(config, "vacc_quantization", None)
         if quant:  # a folder written by `skywork-deploy quantize`: int8 weights load straight in
@@ -212,102 +350,63 @@ class Qwen2ForCausalLM(Qwen2PreTrainedModel):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def quantize(self, weight_bit_width=8, include_lm_head=False, empty=False):
-        """Swap q/k/v/o/gate/up/down of every layer (and lm_head when asked) for per-channel W8A16 linears.
+    def get_decoder(self):
+        return self.model
 
-        `empty=True` builds the int8 modules without computing anything (used when loading a quantized folder).
-        """
-        targets = [(layer.self_attn if name in ATTN_PROJECTIONS else layer.mlp, name)
-                   for layer in self.model.layers for name in PROJECTIONS]
-        if include_lm_head:
-            targets.append((self, "lm_head"))
-        quantize_linear_modules(targets, weight_bit_width, empty=empty)
+    def quantize(self, weight_bit_width=8, include_lm_head=False, empty=False):
+        """Swap q/k/v/o/gate/up/down of every layer (and lm_head when asked) for per-channel W8A16 linears;
+        returns self. `empty=True` allocates the int8 modules without computing (loading a quantized folder)."""
+        _quantize(self, weight_bit_width, include_lm_head=include_lm_head, empty=empty)
         self.config.vacc_quantization = {
             "quant_method": QUANT_METHOD, "bits": weight_bit_width, "include_lm_head": include_lm_head,
         }
         return self
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, iter_num=None,
-                use_cache=True, return_dict=True, **kwargs):
-        """Prefill (iter_num 0) or decode (iter_num 1) step.
+    if _TRANSFORMERS_MAJOR < 5:  # 5.x's GenerationMixin prepares inputs itself; 4.x's leaves it to the model
+        def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                          inputs_embeds=None, cache_position=None, position_ids=None,
+                                          use_cache=True, **kwargs):
+            """One generate() step: the tokens not yet cached, positions counted over real tokens (left
+            padding), the cache."""
+            past_len = _past_length(past_key_values)
+            if past_len:
+                input_ids = input_ids[:, past_len:]  # (B, new)
+            first_embeds = inputs_embeds is not None and past_len == 0
+            if attention_mask is not None and position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+                position_ids = position_ids[:, -(inputs_embeds.shape[1] if first_embeds else input_ids.shape[1]):]
+            return {"input_ids": None if first_embeds else input_ids,
+                    "inputs_embeds": inputs_embeds if first_embeds else None, "past_key_values": past_key_values,
+                    "attention_mask": attention_mask, "position_ids": position_ids, "use_cache": use_cache,
+                    "cache_position": cache_position}
 
-        input_ids (B, S); attention_mask (B, P+S) with 0 for padding; position_ids (B, S);
-        past_key_values: None or a tuple per layer of (key, value), each (B, KVH, P, D).
-        Returns logits (B, S, V), or (B, 1, V) in prefill with `config.insert_slice`, and the presents.
-        """
-        past_key_values = kwargs.pop("past", past_key_values)
-        if past_key_values is not None and not isinstance(past_key_values, (tuple, list)):
-            raise TypeError("past_key_values must be a tuple of (key, value) tensors per layer")
-        if past_key_values is not None and len(past_key_values) == 0:
-            past_key_values = None
-        past_len = 0 if past_key_values is None else past_key_values[0][0].shape[2]
-        b, s = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(b, past_len + s, dtype=torch.long, device=input_ids.device)
-        if position_ids is None:  # count real tokens only, as generate() does for left padding
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -s:]
-        if iter_num is None:
-            iter_num = 0 if past_key_values is None else 1
-        hidden, presents = self.model(input_ids, attention_mask, position_ids, past_key_values)
-        if iter_num == 0 and getattr(self.config, "insert_slice", False):
-            hidden = hidden[:, -1:, :]  # (B, 1, hidden): the prefill "strided_slice"
-        logits = self.lm_head(hidden)
-        if not return_dict:
-            return logits, presents
-        return CausalLMOutputWithPast(logits=logits, past_key_values=presents if use_cache else None)
-
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,
-                 top_p=1.0, eos_token_id=None, pad_token_id=None, generator=None, streamer=None, **kwargs):
-        """Greedy (default) or sampled decoding with the explicit KV cache; returns prompt + new tokens.
-
-        Rows that reach `eos_token_id` are padded with `pad_token_id` (default: the EOS) afterwards.
-        """
-        gen_cfg = kwargs.pop("generation_config", None)
-        if gen_cfg is not None:
-            max_new_tokens = getattr(gen_cfg, "max_new_tokens", None) or max_new_tokens
-            do_sample = getattr(gen_cfg, "do_sample", do_sample)
-            eos_token_id = eos_token_id if eos_token_id is not None else gen_cfg.eos_token_id
-        if eos_token_id is None and getattr(self, "generation_config", None) is not None:
-            eos_token_id = self.generation_config.eos_token_id
-        eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else
-                  ([] if eos_token_id is None else [eos_token_id]))
-        pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        out = self(input_ids, attention_mask=attention_mask, iter_num=0)
-        past, tokens = out.past_key_values, input_ids
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for step in range(max_new_tokens):
-            logits = out.logits[:, -1, :].float()
-            if do_sample and temperature > 0:
-                nxt = _sample(logits / temperature, top_p, generator)
-            else:
-                nxt = logits.argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            if streamer is not None:
-                streamer.put(nxt.cpu())
-            done = done | torch.isin(nxt, torch.tensor(sorted(eos), device=nxt.device, dtype=nxt.dtype))
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)[:, None]], dim=1)
-            out = self(nxt[:, None], attention_mask=attention_mask, past_key_values=past, iter_num=1)
-            past = out.past_key_values
-        if streamer is not None:
-            streamer.end()
-        return tokens
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, iter_num=None, **kwargs):
+        """As transformers' Qwen2ForCausalLM.forward; logits (B, S, V), or (B, 1, V) in the prefill graph
+        ("iter_num" 0) of a model built with `insert_slice`. `iter_num=` overrides the config's (our exporter
+        uses it). With `labels` every position is kept, whatever the slice setting, so the loss is defined.
+        `cache_position` (transformers 4.4x generate) is accepted as a keyword."""
+        past = _cache_kwarg(past_key_values, kwargs)
+        return_dict = _return_dict(self.config, return_dict)
+        keep = kwargs.pop("logits_to_keep", kwargs.pop("num_logits_to_keep", 0))
+        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+                         output_hidden_states=output_hidden_states, return_dict=True,
+                         cache_position=kwargs.pop("cache_position", None),
+                         iter_num=1 if labels is not None else iter_num)
+        hidden = out.last_hidden_state
+        if isinstance(keep, int) and keep > 0:
+            hidden = hidden[:, -keep:, :]  # (B, keep, hidden)
+        logits = self.lm_head(hidden)  # (B, S, V)
+        loss = None
+        if labels is not None:  # next-token cross entropy, -100 ignored, in fp32 (as stock)
+            shift = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])  # (B*(S-1), V)
+            loss = F.cross_entropy(shift, labels[:, 1:].reshape(-1).to(shift.device), ignore_index=-100)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: out[CACHE_FIELD]
+                                                                      if CACHE_FIELD in out else None},
+                                        hidden_states=out.hidden_states, attentions=out.attentions)
+        return result if return_dict else result.to_tuple()
 
 
-def _sample(logits, top_p, generator):
-    """Nucleus sampling on (B, V) logits."""
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
-        sorted_probs = sorted_probs * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
-
-
-__all__ = ["Qwen2Config", "Qwen2Model", "Qwen2ForCausalLM", "QuantizedLinearPerChannel"]
+__all__ = ["Qwen2Config", "Qwen2Model", "Qwen2ForCausalLM", "Qwen2PreTrainedModel", "QuantizedLinearPerChannel"]

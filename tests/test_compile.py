@@ -1,11 +1,10 @@
-"""The compile stage: vamc configs from the model, their checks, and the driver run against a stand-in vamc."""
+"""The compile config: vamc YAMLs written from the model, every pre-flight check, sizes, the CLI's options.
+
+The driver (running a stand-in vamc and checking what it writes) is tested in tests/test_vamc.py.
+"""
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -13,19 +12,22 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from skywork_deploy.cli import cli
 from skywork_deploy.cli.compile import compile_
+from skywork_deploy.compile_checks import check_dataset, check_vamc_config
 from skywork_deploy.compile_config import (
-    CompileSettings, build_config, check_settings, check_vamc_config, dump_yaml, make_compile_config,
-    plan_compile,
+    PREFLIGHT_CHECKS, CompileSettings, advise, build_config, check_settings, compiler_env, dump_yaml,
+    expand_sizes, is_reasoning_model, make_compile_config, plan_compile,
 )
-from skywork_deploy.errors import ConfigError, ExternalToolError, InputError
+from skywork_deploy.errors import ConfigError, InputError
 from skywork_deploy.known_models import KNOWN_MODELS, diff_known_configs, known_spec, write_known_configs
 from skywork_deploy.patch import patch_model
-from skywork_deploy.vamc import compile_model, find_vamc, run_vamc, write_config
+from skywork_deploy.spec import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# REFERENCE.md §3, the vendor's published example for Skywork-OR1-7B (fp16, tp 4, buckets 1024 and 2048).
+# REFERENCE.md §3 / VENDOR.md §2: the vendor's published Skywork-OR1-7B fp16 config (prompts up to 1024 tokens,
+# 2048 in total, tp 4); the published file has the same keys and values with blank lines between blocks.
 VENDOR_7B_FP16 = """\
 name: Skywork-OR1-7B-Preview-fp16-tp4-1024-2048
 frontend:
@@ -48,82 +50,22 @@ workspace:
   path: ./vacc_deploy
   workers: 4
 """
-
-# The stand-in compiler: checks its YAML like the real one would, records argv/env, then acts per FAKE_VAMC_MODE.
-FAKE_VAMC = """\
-#!{python}
-import json, os, subprocess, sys, time
-from pathlib import Path
-import yaml
-
-mode = os.environ.get("FAKE_VAMC_MODE", "ok")
-if len(sys.argv) != 3 or sys.argv[1] != "compile":
-    print("usage: vamc compile CONFIG.yaml"); sys.exit(2)
-cfg = yaml.safe_load(open(sys.argv[2]))
-fe, be = cfg["frontend"], cfg["backend"]
-problems = []
-if fe["type"] != "huggingface" or fe["model_kwargs"]["model_arch"] != "vacc":
-    problems.append("frontend: not a vacc huggingface model")
-if not os.path.isfile(os.path.join(fe["checkpoint"], "config_vacc.json")):
-    problems.append("checkpoint: no config_vacc.json")
-if be["type"] != "tvm_vacc" or be["dtype"] not in ("fp16", "int8") or be["merge_params"] is not True:
-    problems.append("backend: bad")
-if be["dtype"] == "int8" and fe.get("quantize", {{}}).get("type") != "w8a16_gptq":
-    problems.append("int8 without quantize type")
-if any(b[0] % 16 for b in fe["shape"]["input_ids"]):
-    problems.append("bucket not a multiple of 16")
-record = {{"argv": sys.argv, "cwd": os.getcwd(), "VACC_STACK_SIZE": os.environ.get("VACC_STACK_SIZE"),
-          "pid": os.getpid(), "problems": problems, "config": cfg}}
-if mode == "hang":
-    record["grandchild"] = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]).pid
-Path(os.environ["FAKE_VAMC_RECORD"]).write_text(json.dumps(record))
-if problems:
-    print("\\n".join(problems)); sys.exit(2)
-if mode == "fail":
-    for i in range(30):
-        print(f"vamc log line {{i}}", flush=True)
-    sys.exit(3)
-if mode == "hang":
-    print("compiling...", flush=True); time.sleep(120)
-out = Path(cfg["workspace"]["path"]) / cfg["name"]
-if mode in ("ok", "empty"):
-    out.mkdir(parents=True, exist_ok=True)
-if mode == "ok":
-    (out / "model.vacc").write_bytes(b"compiled")
-print("compiled", cfg["name"], flush=True)
-"""
-
-
-@pytest.fixture
-def fake_vamc(tmp_path, monkeypatch):
-    """Path of the stand-in vamc; its record goes to tmp_path/vamc_record.json."""
-    path = tmp_path / "bin" / "vamc"
-    path.parent.mkdir()
-    path.write_text(FAKE_VAMC.format(python=sys.executable))
-    path.chmod(0o755)
-    monkeypatch.setenv("FAKE_VAMC_RECORD", str(tmp_path / "vamc_record.json"))
-    monkeypatch.setenv("FAKE_VAMC_MODE", "ok")
-    monkeypatch.delenv("SKYWORK_DEPLOY_VAMC", raising=False)
-    monkeypatch.delenv("VACC_STACK_SIZE", raising=False)
-    monkeypatch.chdir(tmp_path)
-    return path
-
-
-def record(tmp_path):
-    return json.loads((tmp_path / "vamc_record.json").read_text())
+# The int8 file differs in name, backend.dtype and `quantize: {type: w8a16_gptq}` right after model_kwargs.
+VENDOR_7B_INT8 = VENDOR_7B_FP16.replace("fp16", "int8").replace(
+    "    model_arch: vacc\n", "    model_arch: vacc\n  quantize:\n    type: w8a16_gptq\n")
 
 
 @pytest.fixture(scope="module")
 def patched(tiny_model_factory, tmp_path_factory):
-    """make(folder_name="tiny", **config_overrides) -> a patched tiny checkpoint (weights hard-linked)."""
+    """make(folder_name="tiny", tokenizer=True, **config_overrides) -> a patched tiny checkpoint (weights linked)."""
     cache = {}
 
-    def make(folder_name="tiny", **overrides):
-        key = (folder_name, tuple(sorted(overrides.items())))
+    def make(folder_name="tiny", tokenizer=True, **overrides):
+        key = (folder_name, tokenizer, tuple(sorted(overrides.items())))
         if key not in cache:
             base = tmp_path_factory.mktemp("patched")
             src = base / "src" / folder_name
-            shutil.copytree(tiny_model_factory(), src, copy_function=os.link)
+            shutil.copytree(tiny_model_factory(tokenizer=tokenizer), src, copy_function=os.link)
             cfg = json.loads((src / "config.json").read_text())
             (src / "config.json").unlink()  # hard-linked: never write through to the cached model
             (src / "config.json").write_text(json.dumps({**cfg, **overrides}, indent=2))
@@ -143,52 +85,82 @@ def or1_7b(patched):
     return patched("Skywork-OR1-7B-Preview", **known_config("Skywork-OR1-7B-Preview"))
 
 
-def test_7b_fp16_config_is_the_vendor_example(or1_7b):
-    text, env, problems = make_compile_config(or1_7b, CompileSettings(dtype="fp16"))
-    assert problems == [] and env == {}
-    assert text == VENDOR_7B_FP16.replace("/path/to/Skywork-OR1-7B-Preview", str(or1_7b.resolve()))
-    spec = known_spec("Skywork-OR1-7B-Preview")  # the spec-only path gives the same text
-    assert dump_yaml(build_config(spec, "/path/to/Skywork-OR1-7B-Preview", CompileSettings())) == VENDOR_7B_FP16
+def test_7b_configs_are_the_vendor_published_text(or1_7b):
+    for dtype, vendor in (("fp16", VENDOR_7B_FP16), ("int8", VENDOR_7B_INT8)):
+        text, env, problems = make_compile_config(or1_7b, CompileSettings(dtype=dtype))
+        assert problems == [] and env == {}
+        assert text == vendor.replace("/path/to/Skywork-OR1-7B-Preview", str(or1_7b.resolve()))
+        spec = known_spec("Skywork-OR1-7B-Preview")  # the spec-only path gives the same text
+        assert dump_yaml(build_config(spec, "/path/to/Skywork-OR1-7B-Preview", CompileSettings(dtype=dtype))) == vendor
 
 
-def test_7b_int8_differs_only_where_the_vendor_says(or1_7b):
-    fp16 = yaml.safe_load(make_compile_config(or1_7b, CompileSettings(dtype="fp16"))[0])
-    int8 = yaml.safe_load(make_compile_config(or1_7b, CompileSettings(dtype="int8"))[0])
-    assert int8["name"] == "Skywork-OR1-7B-Preview-int8-tp4-1024-2048"
-    assert int8["backend"]["dtype"] == "int8"
-    assert int8["frontend"].pop("quantize") == {"type": "w8a16_gptq"}
-    int8["name"], int8["backend"]["dtype"] = fp16["name"], "fp16"
-    assert int8 == fp16
+def test_name_and_shape_are_prompt_and_total_lengths(or1_7b):
+    cfg = yaml.safe_load(make_compile_config(or1_7b, CompileSettings(max_input_len=2048, max_seq_len=16384))[0])
+    assert cfg["name"] == "Skywork-OR1-7B-Preview-fp16-tp4-2048-16384"
+    assert cfg["frontend"]["shape"] == {"input_ids": [[2048], [16384]]}
+    named = CompileSettings(model_name="or1", tp=8)
+    assert yaml.safe_load(make_compile_config(or1_7b, named)[0])["name"] == "or1-fp16-tp8-1024-2048"
+
+
+def test_32b_at_tp8_like_the_vendor_32b_config():
+    spec = known_spec("Skywork-OR1-32B-Preview")  # 40 heads, 8 KV heads: tp 8 divides both, no align_qkv
+    assert check_settings(spec, CompileSettings(tp=8)) == []
+    text = dump_yaml(build_config(spec, "/m", CompileSettings(dtype="int8", tp=8)))
+    assert text == VENDOR_7B_INT8.replace("Skywork-OR1-7B-Preview-int8-tp4", "Skywork-OR1-32B-Preview-int8-tp8") \
+        .replace("/path/to/Skywork-OR1-7B-Preview", "/m").replace("tp: 4", "tp: 8")
+    assert compiler_env(spec) == {"VACC_STACK_SIZE": "256"}
 
 
 def test_parameter_counts_and_large_model_env():
     seven, big = known_spec("Skywork-OR1-7B-Preview"), known_spec("Skywork-OR1-32B-Preview")
     assert 7.5e9 < seven.num_parameters < 7.7e9  # Qwen2.5-7B: 7.62e9
     assert 32.7e9 < big.num_parameters < 32.9e9  # Qwen2.5-32B: 32.76e9
-    from skywork_deploy.compile_config import compiler_env
-
     assert compiler_env(seven) == {} and compiler_env(big) == {"VACC_STACK_SIZE": "256"}
 
 
-@pytest.mark.parametrize("heads,kv,tp,align", [
-    (4, 2, 1, False), (4, 2, 2, False), (4, 2, 4, True),  # tiny GQA
-    (4, 4, 4, False),  # MHA
-    (8, 4, 8, True), (8, 4, 4, False),
+@pytest.mark.parametrize("model,tp,align", [
+    ("Skywork-OR1-7B-Preview", 1, None), ("Skywork-OR1-7B-Preview", 2, None), ("Skywork-OR1-7B-Preview", 4, None),
+    ("Skywork-OR1-7B-Preview", 8, True),  # what the vendor serves: 28 heads, 4 KV heads on 8 dies
+    ("Skywork-OR1-7B-Preview", 7, True), ("Skywork-OR1-7B-Preview", 28, True),
+    ("Skywork-OR1-32B-Preview", 8, None), ("Skywork-OR1-32B-Preview", 16, True), ("Skywork-OR1-32B-Preview", 5, True),
 ])
-def test_align_qkv_exactly_when_tp_does_not_divide_kv_heads(patched, heads, kv, tp, align):
-    folder = patched(num_attention_heads=heads, num_key_value_heads=kv)
-    text, _, problems = make_compile_config(folder, CompileSettings(tp=tp))
-    assert problems == []
-    assert yaml.safe_load(text)["frontend"]["model_kwargs"].get("align_qkv", False) is align
+def test_align_qkv_written_exactly_when_tp_does_not_divide_the_heads(model, tp, align):
+    spec = known_spec(model)
+    assert check_settings(spec, CompileSettings(tp=tp)) == []
+    kwargs = build_config(spec, "/m", CompileSettings(tp=tp))["frontend"]["model_kwargs"]
+    assert kwargs.get("align_qkv") is align and ("align_qkv" in kwargs) == (align is not None)
 
 
-def test_7b_tp_rules():
+def test_align_qkv_can_be_asked_for_and_refused_only_where_it_works():
     spec = known_spec("Skywork-OR1-7B-Preview")
-    problems = check_settings(spec, CompileSettings(tp=8))
-    assert any("tp: 8 does not divide the 28 attention heads" in p for p in problems), problems
-    cfg = build_config(spec, "/m", CompileSettings(tp=7))  # 28 heads / 7 fine, 4 KV heads / 7 not
-    assert check_settings(spec, CompileSettings(tp=7)) == []
-    assert cfg["frontend"]["model_kwargs"]["align_qkv"] is True
+    for tp, asked in ((4, True), (4, False), (8, True)):
+        assert check_settings(spec, CompileSettings(tp=tp, align_qkv=asked)) == []
+        assert build_config(spec, "/m", CompileSettings(tp=tp, align_qkv=asked))["frontend"]["model_kwargs"][
+            "align_qkv"] is asked
+    assert check_settings(spec, CompileSettings(tp=8, align_qkv=False)) == [
+        "align_qkv: false, but tp 8 does not divide the 4 KV heads and 28 heads of Skywork-OR1-7B-Preview evenly "
+        "(drop --no-align-qkv, or use a tp that divides 4)"]
+
+
+def test_int8_calib_args_and_dataset_block(or1_7b):
+    cfg = yaml.safe_load(make_compile_config(or1_7b, CompileSettings(dtype="int8", calib_true_sequential=False))[0])
+    assert cfg["frontend"]["quantize"] == {"type": "w8a16_gptq", "calib_args": {"true_sequential": False}}
+    assert cfg["frontend"]["checkpoint"] == str(or1_7b.resolve())  # the unquantized patched folder
+    assert "dataset" not in cfg  # optional: the vendor's published configs have none
+
+
+def test_short_total_length_warns_for_reasoning_models(or1_7b, patched):
+    plan = plan_compile(or1_7b, CompileSettings())
+    (warning,) = plan.warnings
+    assert warning.startswith("max_seq_len: 2048 tokens in total (prompt + answer) is short for ")
+    assert "8K-32K tokens" in warning and "1024:2048 (Skywork-OR1)" in warning and "2048:4096" in warning
+    assert plan.problems == []  # a warning, not an error
+    assert plan_compile(or1_7b, CompileSettings(max_input_len=2048, max_seq_len=16384)).warnings == []
+    assert is_reasoning_model(known_spec("Skywork-OR1-Math-7B"))
+    assert is_reasoning_model(plan_compile(patched(), CompileSettings()).spec, patched())  # <think> template
+    plain = known_spec("Skywork-OR1-7B-Preview").__class__(**{**known_spec("Skywork-OR1-7B-Preview").to_dict(),
+                                                              "name": "Qwen2.5-7B"})
+    assert not is_reasoning_model(plain) and advise(plain, CompileSettings(), reasoning=False) == []
 
 
 def ds(**changes):
@@ -197,36 +169,49 @@ def ds(**changes):
     return {k: v for k, v in block.items() if v is not None}
 
 
-# Each check with a failing example: (settings overrides, text the problem must contain).
+# Each pre-flight check with failing examples: "check: case" -> (settings overrides, text the problem contains).
 # The tiny model has 4 heads, 2 KV heads and 4096 positions.
 INT8 = {"dtype": "int8"}
 FAILING = {
-    "bucket not a multiple of 16": ({"seq_lens": [1000, 2048]}, "seq_lens: 1000 is not a positive multiple of 16"),
-    "bucket over max positions": ({"seq_lens": [1024, 8192]},
-                                  "seq_lens: 8192 exceeds max_position_embeddings 4096"),
-    "buckets repeated": ({"seq_lens": [1024, 1024]}, "must be increasing without repeats"),
-    "buckets unordered": ({"seq_lens": [2048, 1024]}, "(use 1024,2048)"),
-    "no bucket": ({"seq_lens": []}, "seq_lens: empty"),
-    "tp does not divide heads": ({"tp": 3}, "tp: 3 does not divide the 4 attention heads"),
-    "tp zero": ({"tp": 0}, "tp: 0 must be at least 1"),
-    "workers zero": ({"workers": 0}, "workers: 0 must be at least 1"),
-    "bad name": ({"name": "../x"}, "name: '../x' is used as a file and folder name"),
-    "empty workspace": ({"workspace": " "}, "workspace: empty"),
-    "bad dtype": ({"dtype": "bf16"}, "dtype: 'bf16' is not supported"),
-    "int8 without quantize type": ({**INT8, "quantize_type": "w4a16"}, "int8 needs a quantize type"),
-    "fp16 with quantize type": ({"quantize_type": "w8a16_gptq"}, "set for an fp16 build"),
-    "dataset on fp16": ({"dataset": ds()}, "calibration data is used by int8 builds only"),
-    "dataset unknown name": ({**INT8, "dataset": ds(name="wiki")}, "dataset.name: 'wiki'"),
-    "dataset nsamples 0": ({**INT8, "dataset": ds(nsamples=0)}, "dataset.nsamples: 0"),
-    "dataset seqlen 0": ({**INT8, "dataset": ds(seqlen=0)}, "dataset.seqlen: 0 must be a positive integer"),
-    "dataset seqlen too long": ({**INT8, "dataset": ds(seqlen=9000)},
-                                "dataset.seqlen: 9000 exceeds max_position_embeddings"),
-    "dataset empty path": ({**INT8, "dataset": ds(path="")}, "dataset.path: empty"),
-    "dataset missing keys": ({**INT8, "dataset": ds(type=None, nsamples=None)}, "dataset: missing type, nsamples"),
-    "dataset type": ({**INT8, "dataset": ds(type="json")}, "dataset.type: 'json'"),
-    "calib and dataset": ({**INT8, "calib": "CALIB", "dataset": ds()},
-                          "give either a calibration manifest or a dataset block"),
+    "dtype: bf16": ({"dtype": "bf16"}, "dtype: 'bf16' is not supported"),
+    "lengths: input not a multiple of 16": ({"max_input_len": 1000}, "max_input_len: 1000 is not a positive multiple "
+                                                                     "of 16 (use 1008)"),
+    "lengths: total not a multiple of 16": ({"max_seq_len": 2050}, "max_seq_len: 2050 is not a positive multiple"),
+    "lengths: zero": ({"max_input_len": 0}, "max_input_len: 0 is not a positive multiple of 16 (use 16)"),
+    "lengths: input not below total": ({"max_input_len": 2048}, "max_input_len: 2048 must be below max_seq_len 2048"),
+    "lengths: total over max positions": ({"max_seq_len": 8192},
+                                          "max_seq_len: 8192 exceeds max_position_embeddings 4096 of tiny"),
+    "tp: zero": ({"tp": 0}, "tp: 0 must be at least 1"),
+    "tp: above the heads": ({"tp": 5}, "tp: 5 is more than the 4 attention heads of tiny (use at most 4)"),
+    "align_qkv: refused where needed": ({"tp": 4, "align_qkv": False}, "align_qkv: false, but tp 4 does not divide"),
+    "workspace: zero workers": ({"workers": 0}, "workers: 0 must be at least 1"),
+    "workspace: empty": ({"workspace": " "}, "workspace: empty"),
+    "name: path in it": ({"name": "../x"}, "name: '../x' is used as a file and folder name"),
+    "quantize: int8 with another type": ({**INT8, "quantize_type": "w4a16"}, "int8 needs a quantize type"),
+    "quantize: fp16 with a type": ({"quantize_type": "w8a16_gptq"}, "set for an fp16 build"),
+    "quantize: calib_args on fp16": ({"calib_true_sequential": True}, "calib_true_sequential: calibration settings "
+                                                                      "are for int8 builds only"),
+    "dataset: on fp16": ({"dataset": ds()}, "calibration data is used by int8 builds only"),
+    "dataset: unknown name": ({**INT8, "dataset": ds(name="wiki")}, "dataset.name: 'wiki'"),
+    "dataset: nsamples 0": ({**INT8, "dataset": ds(nsamples=0)}, "dataset.nsamples: 0"),
+    "dataset: seqlen 0": ({**INT8, "dataset": ds(seqlen=0)}, "dataset.seqlen: 0 must be a positive integer"),
+    "dataset: seqlen too long": ({**INT8, "dataset": ds(seqlen=9000)},
+                                 "dataset.seqlen: 9000 exceeds max_position_embeddings"),
+    "dataset: empty path": ({**INT8, "dataset": ds(path="")}, "dataset.path: empty"),
+    "dataset: missing keys": ({**INT8, "dataset": ds(type=None, nsamples=None)}, "dataset: missing type, nsamples"),
+    "dataset: type": ({**INT8, "dataset": ds(type="json")}, "dataset.type: 'json'"),
+    "dataset: with calib": ({**INT8, "calib": "CALIB", "dataset": ds()},
+                            "give either a calibration manifest or a dataset block"),
 }
+# The checks that need a folder of their own have their own tests below.
+FOLDER_CHECKS = {"checkpoint": "test_checkpoint_must_carry_the_current_patch",
+                 "calib_tokenizer": "test_calibration_tokenizer_must_match_the_model"}
+
+
+def test_every_preflight_check_has_a_failing_example():
+    covered = {case.split(":")[0] for case in FAILING} | set(FOLDER_CHECKS)
+    assert covered == set(PREFLIGHT_CHECKS)
+    assert all(callable(globals()[name]) for name in FOLDER_CHECKS.values())
 
 
 @pytest.fixture(scope="module")
@@ -240,12 +225,26 @@ def calib_dir(patched, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_spec(patched):
+    return ModelSpec.from_folder(patched())
+
+
 @pytest.mark.parametrize("case", sorted(FAILING))
-def test_each_check_fails_with_a_message_naming_the_key(patched, calib_dir, case):
+def test_each_check_fails_with_a_message_naming_the_key(tiny_spec, case):
+    """The check functions themselves (plan_compile adds the folder checks and collects them all: below)."""
     overrides, expected = FAILING[case]
-    overrides = {k: (str(calib_dir) if v == "CALIB" else v) for k, v in overrides.items()}
-    _, _, problems = make_compile_config(patched(), CompileSettings(**overrides))
+    settings = CompileSettings(**{k: ("calib-dir" if v == "CALIB" else v) for k, v in overrides.items()})
+    problems = check_settings(tiny_spec, settings)
+    if settings.dataset is not None:
+        problems += check_dataset(settings.dataset, tiny_spec, settings.dtype)
     assert any(expected in p for p in problems), problems
+
+
+def test_the_plan_collects_settings_dataset_and_folder_problems(patched, calib_dir):
+    settings = CompileSettings(dtype="fp16", tp=0, max_seq_len=8192, calib=str(calib_dir))
+    problems = plan_compile(patched(), settings).problems
+    assert [p.split(":")[0] for p in problems] == ["max_seq_len", "tp", "dataset"], problems
 
 
 def test_local_dataset_paths_are_checked(patched, tmp_path):
@@ -266,6 +265,9 @@ def test_calibration_manifest_adds_the_dataset_block(patched, calib_dir):
     assert list(cfg["dataset"]) == ["type", "name", "path", "nsamples", "seqlen"]
     assert cfg["dataset"] == ds(name="alpaca", path=str(ROOT / "calibration" / "alpaca-sample.json"), nsamples=2,
                                 seqlen=32)
+    with_calib = plan_compile(patched(), CompileSettings(dtype="int8", calib=str(calib_dir))).checks
+    assert with_calib == list(PREFLIGHT_CHECKS)  # the calibration checks ran
+    assert "calib_tokenizer" not in plan_compile(patched(), CompileSettings(dtype="int8")).checks
 
 
 def test_calibration_tokenizer_must_match_the_model(patched, calib_dir, tmp_path):
@@ -289,7 +291,7 @@ def test_checkpoint_must_carry_the_current_patch(tiny_model, patched, tmp_path):
     shutil.copytree(patched(), stale)
     (stale / "modeling_qwen2_vacc.py").write_text("# an older version\n")
     _, _, problems = make_compile_config(stale, CompileSettings())
-    assert any("modeling_qwen2_vacc.py: differs from this skywork-deploy version" in p for p in problems)
+    assert any("modeling_qwen2_vacc.py" in p for p in problems), problems
     cfg = json.loads((stale / "config.json").read_text())
     (stale / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "vacc_w8a16"}}))
     _, _, problems = make_compile_config(stale, CompileSettings(dtype="int8"))
@@ -297,23 +299,73 @@ def test_checkpoint_must_carry_the_current_patch(tiny_model, patched, tmp_path):
 
 
 def test_problems_are_all_reported_in_one_error(patched):
-    result = CliRunner().invoke(compile_, [str(patched()), "--dtype", "fp16", "--tp", "3",
-                                           "--seq-lens", "1000,8192", "--workers", "0", "--dry-run"])
+    result = CliRunner().invoke(compile_, [str(patched()), "--dtype", "fp16", "--tp", "5", "--max-input-len", "1000",
+                                           "--max-seq-len", "8192", "--workers", "0", "--dry-run"])
     assert result.exit_code == 1
     assert "4 problem(s)" in result.output
-    for text in ("tp: 3", "seq_lens: 1000", "seq_lens: 8192", "workers: 0"):
+    for text in ("tp: 5", "max_input_len: 1000", "max_seq_len: 8192", "workers: 0"):
         assert sum(text in line for line in result.output.splitlines()) == 1, result.output
 
 
+def test_seq_lens_is_gone_with_a_one_line_usage_error(patched, tmp_path):
+    for command, args in ((compile_, []), (cli, ["build"])):
+        result = CliRunner().invoke(command, args + [str(patched()), "--dtype", "fp16", "--seq-lens", "1024,2048"])
+        assert result.exit_code == 2, result.output
+        (line,) = [x for x in result.output.splitlines() if x.startswith("Error")]
+        assert "--seq-lens" in line and "--max-input-len" in line and "--size" in line
+        assert "Traceback" not in result.output
+    with pytest.raises(ConfigError, match="seq_lens was removed.*max_input_len and max_seq_len"):
+        CompileSettings.from_dict({"seq_lens": [1024, 2048]})
+    from skywork_deploy.pipeline.settings import BuildSettings
+
+    with pytest.raises(ConfigError, match="compile.seq_lens was removed"):
+        BuildSettings.from_yaml("compile:\n  seq_lens: [1024, 2048]\n")
+
+
+def test_several_sizes_give_one_config_each(or1_7b, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    result = CliRunner().invoke(compile_, [str(or1_7b), "--dtype", "int8", "--tp", "8", "--size", "1024:2048",
+                                           "--size", "2048:16384", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    docs = list(yaml.safe_load_all(result.output))
+    assert [d["name"] for d in docs] == ["Skywork-OR1-7B-Preview-int8-tp8-1024-2048",
+                                         "Skywork-OR1-7B-Preview-int8-tp8-2048-16384"]
+    assert [d["frontend"]["shape"]["input_ids"] for d in docs] == [[[1024], [2048]], [[2048], [16384]]]
+    assert all(d["frontend"]["model_kwargs"]["align_qkv"] is True for d in docs)
+    assert result.output.count("# compiled: false (dry run)") == 2 and not (tmp_path / "vacc_deploy").exists()
+    data = json.loads(CliRunner().invoke(compile_, [str(or1_7b), "--dtype", "fp16", "--size", "1024:2048",
+                                                    "--size", "2048:4096", "--dry-run", "--json"]).output)
+    assert data["compiled"] is False and [b["name"][-9:] for b in data["builds"]] == ["1024-2048", "2048-4096"]
+
+
+@pytest.mark.parametrize("args,code,expected", [
+    (["--size", "1024"], 2, "'1024' is not a size MAX_INPUT_LEN:MAX_SEQ_LEN"),
+    (["--size", "1024:2048", "--max-seq-len", "4096"], 2, "not both"),
+    (["--size", "1024:2048", "--size", "2048:4096", "--name", "x"], 1, "name: 'x' would name all 2 sizes the same"),
+    (["--size", "1024:2048", "--size", "2048:4096", "--config-out", "c.yaml"], 1, "--config-out c.yaml: names one"),
+    (["--size", "1024:2048", "--size", "1024:2048"], 1, "is given by 2 sizes"),
+    (["--size", "1024:2048", "--size", "2004:4096"], 1, "tiny-fp16-tp4-2004-4096: max_input_len: 2004"),
+])
+def test_bad_size_combinations(patched, tmp_path, monkeypatch, args, code, expected):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(compile_, [str(patched()), "--dtype", "fp16", "--dry-run", *args])
+    assert result.exit_code == code and expected in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_settings_round_trip_and_reject_bad_keys():
-    s = CompileSettings(dtype="int8", tp=2, seq_lens=[512], b2s=False, workspace="/w", workers=2, name="n",
+    s = CompileSettings(dtype="int8", tp=2, max_input_len=512, max_seq_len=4096, b2s=False, align_qkv=True,
+                        workspace="/w", workers=2, name="n", calib_true_sequential=True,
                         dataset={"type": "huggingface", "name": "c4", "path": "p", "nsamples": 1, "seqlen": 16})
     assert CompileSettings.from_yaml(s.to_yaml()) == s and CompileSettings.from_json(s.to_json()) == s
     with pytest.raises(ConfigError) as err:
-        CompileSettings.from_dict({"tp": "4", "seq_len": [1], "b2s": 1, "seq_lens": [1024, True]})
+        CompileSettings.from_dict({"tp": "4", "max_seq_length": 1, "b2s": 1, "max_input_len": True})
     lines = str(err.value).splitlines()
-    assert len(lines) == 4 and any("unknown key 'seq_len'" in x for x in lines)
+    assert len(lines) == 4 and any("unknown key 'max_seq_length'" in x for x in lines)
     assert any("tp is '4', expected int" in x for x in lines)
+    assert [(s.max_input_len, s.max_seq_len) for s in expand_sizes(CompileSettings(), ["512:1024", (16, 32)])] == \
+        [(512, 1024), (16, 32)]
 
 
 def test_user_config_file_is_checked_including_align_qkv(patched, tmp_path):
@@ -333,191 +385,27 @@ def test_user_config_file_is_checked_including_align_qkv(patched, tmp_path):
     assert any("frontend.quantize.type is missing for an int8 build" in p for p in problems)
     assert any("backend.type is 'tvm'" in p for p in problems)
     cfg = yaml.safe_load(text)
-    cfg["frontend"]["model_kwargs"]["tp"] = 2  # divides the KV heads, yet align_qkv is still set
+    cfg["frontend"]["shape"]["input_ids"] = [[1024], [2048], [4096]]  # the old bucket reading
     bad.write_text(yaml.safe_dump(cfg))
-    assert any("align_qkv must be absent" in p for p in check_vamc_config(bad))
+    assert any("[[max prompt length], [max total length]]" in p for p in check_vamc_config(bad))
 
 
 def test_build_in_configs_regenerate_without_difference(tmp_path):
     assert write_known_configs(tmp_path) and diff_known_configs(tmp_path) == []
     shipped = ROOT / "build_in" / "build"
-    assert sorted(p.name for p in shipped.glob("*.yaml")) == sorted(p.name for p in tmp_path.glob("*.yaml"))
-    assert len(list(shipped.glob("*.yaml"))) == 6
+    names = sorted(p.name for p in shipped.glob("*.yaml"))
+    assert names == sorted(p.name for p in tmp_path.glob("*.yaml")) == [
+        "Skywork-OR1-32B-Preview-fp16-tp8-1024-2048.yaml", "Skywork-OR1-32B-Preview-int8-tp8-1024-2048.yaml",
+        "Skywork-OR1-7B-Preview-fp16-tp4-1024-2048.yaml", "Skywork-OR1-7B-Preview-int8-tp4-1024-2048.yaml",
+        "Skywork-OR1-Math-7B-fp16-tp4-1024-2048.yaml", "Skywork-OR1-Math-7B-int8-tp4-1024-2048.yaml"]
     for path in tmp_path.glob("*.yaml"):
         assert (shipped / path.name).read_bytes() == path.read_bytes(), path.name
+    for dtype, vendor in (("fp16", VENDOR_7B_FP16), ("int8", VENDOR_7B_INT8)):  # apart from the checkpoint
+        text = (shipped / f"Skywork-OR1-7B-Preview-{dtype}-tp4-1024-2048.yaml").read_text()
+        assert text == vendor.replace("/path/to/", "/models/")
     assert diff_known_configs(shipped) == []
     packaged = resources.files("skywork_deploy.build_in").joinpath("build")
-    assert packaged.joinpath("Skywork-OR1-32B-Preview-int8-tp4-1024-2048.yaml").read_text() == \
-        (tmp_path / "Skywork-OR1-32B-Preview-int8-tp4-1024-2048.yaml").read_text()
+    assert packaged.joinpath("Skywork-OR1-32B-Preview-int8-tp8-1024-2048.yaml").read_text() == \
+        (tmp_path / "Skywork-OR1-32B-Preview-int8-tp8-1024-2048.yaml").read_text()
     (tmp_path / "Skywork-OR1-Math-7B-fp16-tp4-1024-2048.yaml").write_text("name: edited\n")
     assert diff_known_configs(tmp_path) == ["Skywork-OR1-Math-7B-fp16-tp4-1024-2048.yaml"]
-
-
-# ---- the driver ----
-
-def test_dry_run_prints_yaml_and_command_and_runs_nothing(patched, fake_vamc, tmp_path):
-    args = [str(patched()), "--dtype", "int8", "--dry-run", "--vamc", str(fake_vamc)]
-    result = CliRunner().invoke(compile_, args)
-    assert result.exit_code == 0, result.output
-    cfg = yaml.safe_load(result.output)  # the command is a YAML comment: the output stays valid YAML
-    assert cfg["name"] == "tiny-int8-tp4-1024-2048"
-    config_path = tmp_path / "vacc_deploy" / "tiny-int8-tp4-1024-2048.yaml"
-    assert f"# command: {fake_vamc} compile {config_path}" in result.output
-    assert not (tmp_path / "vamc_record.json").exists() and not (tmp_path / "vacc_deploy").exists()
-
-
-def test_dry_run_without_vamc_still_checks_and_says_so(patched, fake_vamc, monkeypatch):
-    monkeypatch.setenv("PATH", "/nonexistent")
-    result = CliRunner().invoke(compile_, [str(patched()), "--dtype", "fp16", "--dry-run", "--json"])
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
-    assert data["command"][0] == "vamc" and "vamc not found" in data["vamc_missing"]
-
-
-def test_config_out_is_atomic_and_backs_up_a_different_file(patched, fake_vamc, tmp_path):
-    out = tmp_path / "cfg" / "c.yaml"
-    args = [str(patched()), "--dtype", "fp16", "--dry-run", "--config-out", str(out)]
-    assert CliRunner().invoke(compile_, args).exit_code == 0
-    first = out.read_text()
-    assert yaml.safe_load(first)["frontend"]["checkpoint"] == str(patched().resolve())
-    assert "unchanged" in CliRunner().invoke(compile_, args).output and not out.with_name("c.yaml.bak").exists()
-    out.write_text("my own edits\n")
-    result = CliRunner().invoke(compile_, args)
-    assert "previous kept as" in result.output
-    assert out.with_name("c.yaml.bak").read_text() == "my own edits\n" and out.read_text() == first
-    out.write_text("more edits\n")
-    assert write_config(out, first)["backup"] == str(out.with_name("c.yaml.bak.1"))
-    assert out.with_name("c.yaml.bak").read_text() == "my own edits\n"
-    assert [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")] == []
-
-
-def test_vamc_lookup_order_and_missing_error(fake_vamc, tmp_path, monkeypatch):
-    other = tmp_path / "other-vamc"
-    shutil.copy2(fake_vamc, other)
-    monkeypatch.setenv("PATH", f"{fake_vamc.parent}{os.pathsep}/usr/bin")
-    assert find_vamc() == str(fake_vamc)
-    monkeypatch.setenv("SKYWORK_DEPLOY_VAMC", str(other))
-    assert find_vamc() == str(other)
-    assert find_vamc(str(fake_vamc)) == str(fake_vamc)  # --vamc wins over the environment
-    monkeypatch.setenv("SKYWORK_DEPLOY_VAMC", str(tmp_path / "missing"))
-    with pytest.raises(ExternalToolError, match="SKYWORK_DEPLOY_VAMC .*missing is not an executable file"):
-        find_vamc()
-    monkeypatch.delenv("SKYWORK_DEPLOY_VAMC")
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    with pytest.raises(ExternalToolError) as err:
-        find_vamc()
-    assert "--vamc not given" in str(err.value) and "SKYWORK_DEPLOY_VAMC not set" in str(err.value)
-    assert f"no `vamc` in PATH ({tmp_path / 'empty'})" in str(err.value)
-
-
-def test_cli_reads_vamc_from_the_environment(patched, fake_vamc, tmp_path):
-    result = CliRunner().invoke(compile_, [str(patched()), "--dtype", "fp16"],
-                                env={"SKYWORK_DEPLOY_VAMC": str(fake_vamc)})
-    assert result.exit_code == 0, result.output
-    assert record(tmp_path)["argv"][0] == str(fake_vamc)
-    result = CliRunner().invoke(compile_, [str(patched()), "--dtype", "fp16"],
-                                env={"SKYWORK_DEPLOY_VAMC": str(tmp_path / "nope")})
-    assert result.exit_code == 1 and "SKYWORK_DEPLOY_VAMC" in result.output
-
-
-def test_success_streams_logs_checks_outputs_and_writes_a_manifest(patched, fake_vamc, tmp_path):
-    result = CliRunner().invoke(compile_, [str(patched()), "--dtype", "int8", "--vamc", str(fake_vamc),
-                                           "--workspace", "ws", "--name", "t8"])
-    assert result.exit_code == 0, result.output
-    rec = record(tmp_path)
-    assert rec["argv"][1:] == ["compile", str(tmp_path / "ws" / "t8.yaml")] and rec["problems"] == []
-    assert rec["cwd"] == str(tmp_path) and rec["VACC_STACK_SIZE"] is None
-    assert "compiled t8" in result.output  # streamed to the terminal...
-    assert "compiled t8" in (tmp_path / "ws" / "t8.compile.log").read_text()  # ...and to the log
-    manifest = json.loads((tmp_path / "ws" / "t8.manifest.json").read_text())
-    assert manifest["stage"] == "compile" and manifest["outputs"] == {"model.vacc": 8}
-    assert manifest["command"] == [str(fake_vamc), "compile", str(tmp_path / "ws" / "t8.yaml")]
-
-
-def test_32b_runs_with_vacc_stack_size(patched, fake_vamc, tmp_path):
-    folder = patched("Skywork-OR1-32B-Preview", **known_config("Skywork-OR1-32B-Preview"))
-    result = compile_model(folder, CompileSettings(dtype="fp16"), vamc=str(fake_vamc))
-    assert result["env"] == {"VACC_STACK_SIZE": "256"} and record(tmp_path)["VACC_STACK_SIZE"] == "256"
-    assert result["command_line"].startswith("VACC_STACK_SIZE=256 ")
-    assert record(tmp_path)["config"]["name"] == "Skywork-OR1-32B-Preview-fp16-tp4-1024-2048"
-
-
-def test_failure_raises_with_command_and_log_tail(patched, fake_vamc, tmp_path, monkeypatch):
-    monkeypatch.setenv("FAKE_VAMC_MODE", "fail")
-    with pytest.raises(ExternalToolError) as err:
-        compile_model(patched(), CompileSettings(), vamc=str(fake_vamc))
-    message = str(err.value)
-    assert "exit code 3" in message and f"{fake_vamc} compile " in message
-    assert "vamc log line 10" in message and "vamc log line 29" in message and "vamc log line 9\n" not in message
-    log = (tmp_path / "vacc_deploy" / "tiny-fp16-tp4-1024-2048.compile.log").read_text()
-    assert "vamc log line 0\n" in log and "vamc log line 29\n" in log
-
-
-def _alive(pid):
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
-
-
-def _wait_dead(pids, seconds=10):
-    end = time.monotonic() + seconds
-    while any(_alive(p) for p in pids) and time.monotonic() < end:
-        time.sleep(0.05)
-    return not any(_alive(p) for p in pids)
-
-
-def test_timeout_stops_the_compiler_and_its_children(patched, fake_vamc, tmp_path, monkeypatch):
-    monkeypatch.setenv("FAKE_VAMC_MODE", "hang")
-    start = time.monotonic()
-    with pytest.raises(ExternalToolError, match=r"timed out after 1.5 s(.|\n)*compiling\.\.\."):
-        compile_model(patched(), CompileSettings(), vamc=str(fake_vamc), timeout=1.5)
-    assert time.monotonic() - start < 10
-    rec = record(tmp_path)
-    assert _wait_dead([rec["pid"], rec["grandchild"]])
-
-
-def test_ctrl_c_stops_the_compiler_and_exits_cleanly(patched, fake_vamc, tmp_path):
-    env = {**os.environ, "FAKE_VAMC_MODE": "hang"}
-    proc = subprocess.Popen([sys.executable, "-m", "skywork_deploy", "compile", str(patched()), "--dtype", "fp16",
-                             "--vamc", str(fake_vamc)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "vamc_record.json").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)  # let the stand-in reach its sleep
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130, (out, err)
-    assert "Interrupted" in err and "Traceback" not in err
-    rec = record(tmp_path)
-    assert _wait_dead([rec["pid"], rec["grandchild"]])
-    assert "interrupted: the compiler was stopped" in (
-        tmp_path / "vacc_deploy" / "tiny-fp16-tp4-1024-2048.compile.log").read_text()
-
-
-@pytest.mark.parametrize("mode,expected", [("none", "did not create"), ("empty", "is empty")])
-def test_success_without_outputs_is_an_error(patched, fake_vamc, monkeypatch, mode, expected):
-    monkeypatch.setenv("FAKE_VAMC_MODE", mode)
-    with pytest.raises(ExternalToolError, match=expected):
-        compile_model(patched(), CompileSettings(), vamc=str(fake_vamc))
-
-
-def test_stale_outputs_from_an_earlier_run_are_not_accepted(patched, fake_vamc, tmp_path, monkeypatch):
-    out = tmp_path / "vacc_deploy" / "tiny-fp16-tp4-1024-2048"
-    out.mkdir(parents=True)
-    (out / "old.vacc").write_bytes(b"old")
-    os.utime(out / "old.vacc", (time.time() - 3600, time.time() - 3600))
-    monkeypatch.setenv("FAKE_VAMC_MODE", "none")
-    with pytest.raises(ExternalToolError, match="wrote nothing new"):
-        compile_model(patched(), CompileSettings(), vamc=str(fake_vamc))
-
-
-def test_run_vamc_on_an_existing_config(patched, fake_vamc, tmp_path):
-    plan = plan_compile(patched(), CompileSettings(workspace=str(tmp_path / "abs-ws")))
-    config = tmp_path / "given.yaml"
-    config.write_text(plan.yaml_text)
-    result = run_vamc(config, vamc=str(fake_vamc))
-    assert Path(result["output_dir"]) == tmp_path / "abs-ws" / plan.name
-    assert result["outputs"] == {"model.vacc": 8} and result["returncode"] == 0

@@ -114,7 +114,7 @@ def test_int8_standard_runs_on_onnxruntime_exactly(small_model, tmp_path):
     rows = result["validation"]["rows"]
     exact = [r for r in rows if r["mode"] == "int8 ort exact"]
     assert len(exact) == 9 and all(r["ok"] and r["max_abs_diff"] <= 1e-4 for r in exact)
-    assert any(r["mode"].startswith("int8 ort default") and not r["gated"] for r in rows)
+    assert any(r["mode"] == "int8 ort fast" and not r["gated"] for r in rows)
     assert result["manifest"]["graphs"]["prefill"]["simplify"]["message"] == "--no-simplify"
 
 
@@ -223,3 +223,30 @@ def test_validation_skipped_when_no_session_fits_is_reported_not_passed(small_mo
     assert report["passed"] is None and "GiB" in report["skipped"] and report["rows"] == []
     assert "skipped" in result["validation"]["table"] and out.is_dir()
     assert _manifest(out)["validation"] == {"passed": None, "file": "validation.json", "skipped": report["skipped"]}
+
+
+def test_int8_from_bf16_keeps_embedding_and_lm_head_in_fp16_exactly(tiny_model_factory, small_model, tmp_path):
+    """A bf16 checkpoint's embedding and lm_head go into the int8 bundle as fp16 (lossless): fewer bytes, and
+    the exact mode still matches the fp32 reference to 1e-4. Each phase's time is in the manifest."""
+    import onnx
+
+    from skywork_deploy.export import export_model
+
+    bf16 = tiny_model_factory("gqa", tokenizer=True, vocab_size=1024, dtype="bfloat16")
+    result = export_model(bf16, tmp_path / "bf16", dtype="int8", simplify=False)
+    wide = export_model(small_model, tmp_path / "fp32", dtype="int8", simplify=False)  # fp32 checkpoint
+    proto = onnx.load(str(tmp_path / "bf16" / "prefill.onnx"), load_external_data=False)
+    half = sorted(t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
+    assert half == result["manifest"]["fp16_weights"] and len(half) == 2
+    assert half[0].endswith("lm_head.weight.T") and half[1].endswith("embed_tokens.weight")
+    assert wide["manifest"]["fp16_weights"] == []  # fp32 source: kept as it is
+    gathers = [n for n in proto.graph.node if n.op_type == "Gather" and n.input[0] == half[1]]
+    assert len(gathers) == 1  # the table stays fp16; only the looked-up rows are widened
+    embed_and_head = 2 * 1024 * 64
+    assert wide["weight_bytes"] - result["weight_bytes"] >= 2 * embed_and_head  # 4 -> 2 bytes a value
+    exact = [r for r in result["validation"]["rows"] if r["mode"] == "int8 ort exact"]
+    assert len(exact) == 9 and all(r["ok"] and r["max_abs_diff"] <= 1e-4 for r in exact)
+    seconds = result["manifest"]["seconds"]
+    assert {"trace", "simplify", "weights", "save_and_check"} <= set(seconds)
+    assert {"reference", "int8 ort exact", "int8 ort unfused", "int8 ort fast"} <= set(seconds["validation"])
+    assert all(v >= 0 for v in seconds["validation"].values())

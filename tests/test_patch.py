@@ -1,6 +1,7 @@
 """`skywork-deploy patch`: checks, files written, backups, revert, links, idempotence, staleness."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -83,8 +84,14 @@ def test_modified_source_file_is_detected(tiny_model):
         require_current_patch(tiny_model)
     result = invoke("patch", "--check", tiny_model)
     assert result.exit_code == 1 and "older or modified" in result.output
-    patch_model(tiny_model)  # re-patching repairs it
+    result = invoke("patch", tiny_model)  # re-patching would discard the edit: refused without --force
+    assert result.exit_code == 1 and "edited since skywork-deploy wrote it" in result.output
+    assert "--force" in result.output and "# local edit" in path.read_text()
+    result = invoke("patch", tiny_model, "--force")
+    assert result.exit_code == 0, result.output
     assert patch_status(tiny_model)["current"]
+    kept = sorted(tiny_model.glob("modeling_qwen2_vacc.py.edited-*"))
+    assert len(kept) == 1 and kept[0].read_text().endswith("# local edit\n")
 
 
 def test_unpatched_folder_check_says_what_to_run(tiny_model):
@@ -94,7 +101,7 @@ def test_unpatched_folder_check_says_what_to_run(tiny_model):
 
 
 @pytest.mark.parametrize("breakage, words", [
-    (lambda d: (d / "config.json").unlink(), "config.json: file not found"),
+    (lambda d: (d / "config.json").unlink(), "config.json"),
     (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
     (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "llama"})), "expected 'qwen2'"),
     (lambda d: (d / "model.safetensors").unlink(), "no model.safetensors"),
@@ -105,9 +112,10 @@ def test_bad_folders_give_one_line_errors_and_change_nothing(tiny_model, breakag
     breakage(tiny_model)
     before = snapshot(tiny_model)
     result = invoke("patch", tiny_model)
-    assert result.exit_code == 1
-    assert words in result.output
-    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert result.exit_code in (1, 2)  # 2 when the CLI itself sees the folder is not a model folder
+    errors = [line for line in result.output.splitlines() if line.lower().startswith("error:")]
+    assert len(errors) == 1 and words in errors[0], result.output
+    assert "Traceback" not in result.output
     assert snapshot(tiny_model) == before
 
 
@@ -153,3 +161,77 @@ def test_patched_model_loads_with_trust_remote_code_and_generates(tiny_model):
     assert out.shape[1] == ids.shape[1] + 3 or tok.eos_token_id in out[0].tolist()
     revert(tiny_model)
     shutil.rmtree(tiny_model)
+
+
+def test_revert_refuses_a_record_naming_files_outside_the_folder(tiny_model, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    patch_model(tiny_model)
+    record_path = tiny_model / BACKUP_DIR / "record.json"
+    record = json.loads(record_path.read_text())
+    record["created"].append("../victim.txt")
+    record_path.write_text(json.dumps(record))
+    before = snapshot(tiny_model)
+    result = invoke("patch", "--revert", tiny_model)
+    assert result.exit_code == 1 and "'../victim.txt'" in result.output and "Traceback" not in result.output
+    assert victim.read_text() == "keep me" and snapshot(tiny_model) == before
+    record_path.write_text("{broken")
+    result = invoke("patch", "--revert", tiny_model)
+    assert result.exit_code == 1 and "corrupt backup record" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_revert_keeps_hand_edits_unless_forced(tiny_model):
+    original = snapshot(tiny_model)
+    patch_model(tiny_model)
+    cfg = tiny_model / "config_vacc.json"
+    cfg.write_text(cfg.read_text().replace('"insert_slice": true', '"insert_slice": false'))
+    edited = cfg.read_bytes()
+    result = invoke("patch", "--revert", tiny_model)
+    assert result.exit_code == 1 and "config_vacc.json" in result.output and "--force" in result.output
+    assert cfg.read_bytes() == edited
+    result = invoke("patch", "--revert", "--force", tiny_model)
+    assert result.exit_code == 0, result.output
+    after = snapshot(tiny_model)
+    kept = [n for n in after if n.startswith("config_vacc.json.edited-")]
+    assert len(kept) == 1 and after.pop(kept[0]) == edited
+    assert after == original
+
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data, indent=2))
+
+
+@pytest.mark.parametrize("tamper, words", [
+    (lambda d: _edit_json(d / "config_vacc.json", auto_map={"AutoModelForCausalLM": "evil.Model"}),
+     "config_vacc.json: auto_map changed"),
+    (lambda d: _edit_json(d / "config.json", auto_map={"AutoConfig": "evil.Config"}), "config.json: auto_map changed"),
+    (lambda d: _edit_json(d / "config_vacc.json", insert_slice=False), "insert_slice changed"),
+    (lambda d: _edit_json(d / "config_vacc.json", _attn_implementation="sdpa"), "_attn_implementation changed"),
+    (lambda d: _edit_json(d / "config_vacc.json", num_hidden_layers=1), "num_hidden_layers changed"),
+    (lambda d: (d / "helper.py").write_text("import os\n"), "helper.py: a Python file skywork-deploy did not"),
+    (lambda d: _edit_json(d / "tokenizer_config.json", auto_map={"AutoTokenizer": ["evil.Tok", None]}),
+     "tokenizer_config.json: has an auto_map"),
+])
+def test_check_names_what_trust_remote_code_could_reach(tiny_model, tmp_path, tamper, words):
+    out = tmp_path / "patched"
+    patch_model(tiny_model, out=out)
+    tamper(out)
+    result = invoke("patch", "--check", out)
+    assert result.exit_code == 1 and words in result.output, result.output
+    from skywork_deploy.patch import verify_if_patched
+
+    with pytest.raises(ModelFormatError, match=re.escape(words)):
+        verify_if_patched(out)
+
+
+def test_remote_code_json_files_are_accepted_only_when_opted_in(tiny_model, tmp_path):
+    _edit_json(tiny_model / "tokenizer_config.json", auto_map={"AutoTokenizer": ["tok.Tok", None]})
+    refused = patch_model(tiny_model, out=tmp_path / "a")
+    assert not refused["status"]["current"] and "auto_map" in refused["status"]["problems"][0]
+    allowed = patch_model(tiny_model, out=tmp_path / "b", allow_remote_code_files=True)
+    assert allowed["status"]["current"], allowed["status"]["problems"]
+    result = invoke("patch", "--check", tmp_path / "b")
+    assert result.exit_code == 0, result.output

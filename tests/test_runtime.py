@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from skywork_deploy.errors import BackendUnavailableError, InputError, ModelFormatError
+from skywork_deploy.errors import ConfigError, InputError, ModelFormatError
 from skywork_deploy.runtime.backends import make_backend
 from skywork_deploy.runtime.bench import compare_logits, fidelity
 from skywork_deploy.runtime.bundle import load_tokenizer, open_bundle
@@ -180,6 +180,14 @@ def test_sampler_top_p_keeps_the_nucleus():
     assert int(Sampler(0.0)(logits)[0]) == 0
 
 
+def test_sampler_top_k_keeps_the_k_most_likely():
+    logits = np.log(np.array([[0.4, 0.3, 0.2, 0.1]], dtype=np.float32))
+    assert {int(Sampler(1.0, 1.0, seed, top_k=2)(logits)[0]) for seed in range(200)} == {0, 1}
+    assert {int(Sampler(1.0, 1.0, seed, top_k=0)(logits)[0]) for seed in range(200)} == {0, 1, 2, 3}  # 0: off
+    with pytest.raises(ConfigError, match="--top-k"):
+        Sampler(1.0, top_k=-2)
+
+
 def test_stops_at_eos(ort_backend, bundle, tokenizer, prompt_rows, hf_tokens):
     stop = hf_tokens[0][5]  # pretend the 6th greedy token of row 0 is an EOS
     first = hf_tokens[0].index(stop)
@@ -233,7 +241,7 @@ def test_bad_bundles(bundle_dir, tmp_path, runtime_model):
 
     with pytest.raises(ModelFormatError, match="no ONNX graphs"):
         make_backend("onnxruntime", open_bundle(runtime_model))  # a model folder: torch backend only
-    with pytest.raises(BackendUnavailableError, match="vaststreamx"):
+    with pytest.raises(ConfigError, match="unknown backend 'vacc'"):  # no step-by-step VACC backend: see serve
         make_backend("vacc", open_bundle(bundle_dir))
 
 
@@ -279,8 +287,9 @@ def test_cli_run_streams_tokens_and_reports_timing(bundle_dir, ort_backend, toke
 def test_cli_run_errors_are_one_line(bundle_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    for args, message in [((empty, "-p", "x"), "no config.json and no export bundle"),
-                          ((bundle_dir, "-p", "x", "--backend", "vacc"), "vaststreamx"),
+    for args, message in [((empty, "-p", "x"), "no config.json in it"),
+                          ((bundle_dir, "-p", "x", "--backend", "vacc"), "'vacc' is not one of"),
+                          (("-p", "x"), "give either BUNDLE or --endpoint"),
                           ((bundle_dir, "-p", "x", "--top-p", 0), "--top-p")]:
         result = _cli("run", *args)
         assert result.exit_code != 0 and message in result.output

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import DataFormatError, InputError
 from .render import render_alpaca, render_ceval
-from .safeio import FILE_CAP, MEMBER_CAP, ZipBudget, iter_lines, open_zip, read_file_capped
+from .safeio import FILE_CAP, MEMBER_CAP, ItemBudget, ZipBudget, iter_lines, open_zip, read_file_capped
 
 C4_PATTERNS = ("*.json.gz", "*.jsonl.gz", "*.json", "*.jsonl")
 CEVAL_SPLITS = ("dev", "val", "test")
@@ -84,9 +84,9 @@ def read_ceval(source, split="val"):
         if not members:
             raise DataFormatError(f"{path}: no {split}/ folder with *_{split}.csv files (expected the "
                                   "ceval-exam layout: dev/, val/, test/, optionally under ceval-exam/)")
-        items = []
+        items, budget = [], ItemBudget(path)
         for rel, subject, file in members:
-            items.extend(parse_ceval_csv(read_file_capped(file, MEMBER_CAP), file, subject, split))
+            items.extend(parse_ceval_csv(read_file_capped(file, MEMBER_CAP), file, subject, split, budget))
         return items
     if not path.is_file():
         raise InputError(f"{source}: no such file or folder")
@@ -103,11 +103,11 @@ def read_ceval(source, split="val"):
         if len(prefixes) > 1:
             raise DataFormatError(f"{path}: {split}/ appears under several folders ({', '.join(prefixes)}); "
                                   "keep one copy")
-        budget = ZipBudget(zf, path)
+        budget, item_budget = ZipBudget(zf, path), ItemBudget(path)
         items = []
         for _, subject, info in sorted(infos, key=lambda t: t[2].filename):
             where = f"{path}:{info.filename}"
-            items.extend(parse_ceval_csv(budget.read(info), where, subject, split))
+            items.extend(parse_ceval_csv(budget.read(info), where, subject, split, item_budget))
     return items
 
 
@@ -121,13 +121,15 @@ def _folder_members(folder, split):
     return []
 
 
-def parse_ceval_csv(data, where, subject, split):
-    """[(item_id, rendered text)] from one subject's CSV bytes (UTF-8, optional BOM)."""
+def parse_ceval_csv(data, where, subject, split, budget=None):
+    """[(item_id, rendered text)] from one subject's CSV bytes (UTF-8, optional BOM), counted by `budget`."""
+    budget = budget or ItemBudget(where)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataFormatError(f"{where}: not UTF-8 (byte {exc.start}); C-Eval CSV files are UTF-8, "
                               "re-save the file as UTF-8") from None
+    del data
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader, None)
@@ -148,7 +150,7 @@ def parse_ceval_csv(data, where, subject, split):
                 raise DataFormatError(f"{where}: line {reader.line_num}: {len(row)} fields, the header has "
                                       f"{len(header)}")
             rec = {c: row[i] for c, i in col.items()}
-            items.append((f"{subject}_{split}:{rec['id']}", render_ceval(rec, with_answer)))
+            items.append((f"{subject}_{split}:{rec['id']}", budget.take(render_ceval(rec, with_answer), where)))
     except csv.Error as exc:
         raise DataFormatError(f"{where}: line {reader.line_num}: malformed CSV ({exc})") from None
     return items
@@ -162,9 +164,12 @@ def read_ceval_parquet(folder, split):
     files = sorted(folder.glob(f"*/{split}-*.parquet"))
     if not files:
         raise DataFormatError(f"{folder}: no {split} parquet files (expected {{subject}}/{split}-*.parquet)")
-    items = []
+    items, budget = [], ItemBudget(folder)
     with_answer = "answer" in CEVAL_COLUMNS[split]
     for file in files:
+        if file.stat().st_size > MEMBER_CAP:
+            raise DataFormatError(f"{file}: larger than {MEMBER_CAP >> 20} MiB (a C-Eval subject is a few hundred "
+                                  "KiB); refusing to read it")
         try:
             rows = pq.read_table(file).to_pylist()
         except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
@@ -176,13 +181,13 @@ def read_ceval_parquet(folder, split):
                 raise DataFormatError(f"{file}: row {i}: columns missing: {', '.join(missing)}")
             rec = {k: "" if v is None else str(v) for k, v in rec.items()}
             with_answer_here = with_answer and bool(rec.get("answer"))
-            items.append((f"{subject}_{split}:{rec['id']}", render_ceval(rec, with_answer_here)))
+            items.append((f"{subject}_{split}:{rec['id']}", budget.take(render_ceval(rec, with_answer_here), file)))
     return items
 
 
 # -------------------------------------------------------------------------------------------- Alpaca
 def read_alpaca(path):
-    """Items [(entry index, rendered text)] of an Alpaca JSON array file."""
+    """Items [(entry index, rendered text)] of an Alpaca JSON array file, parsed entry by entry (capped)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"{path}: no such file (pass alpaca_data_cleaned.json)")
@@ -191,22 +196,9 @@ def read_alpaca(path):
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataFormatError(f"{path}: not UTF-8 (byte {exc.start})") from None
-    head = text.lstrip()[:1]
-    if not head:
-        raise DataFormatError(f"{path}: empty file (expected a JSON array of instruction records)")
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if head == "{" and exc.msg == "Extra data":
-            raise DataFormatError(f"{path}: looks like JSON Lines (one object per line, line {exc.lineno}); "
-                                  "expected one JSON array [...] like alpaca_data_cleaned.json") from None
-        raise DataFormatError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
-                              "the file may be truncated, re-download it") from None
-    if not isinstance(records, list):
-        raise DataFormatError(f"{path}: the top level is a JSON {type(records).__name__}, expected an array of "
-                              "{instruction, input, output} records")
-    items = []
-    for i, rec in enumerate(records):
+    del data
+    budget, items = ItemBudget(path), []
+    for i, rec in _json_array(text, path):
         if not isinstance(rec, dict):
             raise DataFormatError(f"{path}: entry {i}: expected an object, found {type(rec).__name__}")
         missing = [k for k in ("instruction", "output") if not isinstance(rec.get(k), str)]
@@ -214,7 +206,47 @@ def read_alpaca(path):
             raise DataFormatError(f"{path}: entry {i}: missing or non-string {', '.join(repr(k) for k in missing)}")
         if not isinstance(rec.get("input", ""), str):
             raise DataFormatError(f"{path}: entry {i}: 'input' is not a string")
-        items.append((i, render_alpaca(rec)))
+        items.append((i, budget.take(render_alpaca(rec))))
     if not items:
         raise DataFormatError(f"{path}: the array is empty")
     return items
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_array(text, path):
+    """Yield (index, value) of the top-level JSON array in `text`, one entry at a time (never all at once)."""
+    decoder = json.JSONDecoder()
+    pos = _SPACE.match(text).end()
+    if pos == len(text):
+        raise DataFormatError(f"{path}: empty file (expected a JSON array of instruction records)")
+    try:
+        if text[pos] != "[":
+            value, end = decoder.raw_decode(text, pos)
+            if text[pos] == "{" and _SPACE.match(text, end).end() < len(text):
+                raise DataFormatError(f"{path}: looks like JSON Lines (one object per line); expected one JSON "
+                                      "array [...] like alpaca_data_cleaned.json")
+            raise DataFormatError(f"{path}: the top level is a JSON {type(value).__name__}, expected an array of "
+                                  "{instruction, input, output} records")
+        pos, index = _SPACE.match(text, pos + 1).end(), 0
+        if text.startswith("]", pos):
+            pos += 1
+        else:
+            while True:
+                value, pos = decoder.raw_decode(text, pos)
+                yield index, value
+                index += 1
+                pos = _SPACE.match(text, pos).end()
+                if text.startswith(",", pos):
+                    pos = _SPACE.match(text, pos + 1).end()
+                elif text.startswith("]", pos):
+                    pos += 1
+                    break
+                else:
+                    raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+        if _SPACE.match(text, pos).end() != len(text):
+            raise json.JSONDecodeError("Extra data", text, pos)
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
+                              "the file may be truncated, re-download it") from None

@@ -1,7 +1,13 @@
 """Capped reads of calibration files: gzip JSON Lines streamed line by line, zip members read in memory.
 
-Nothing is ever extracted to disk. Every read takes a byte limit and stops one byte past it, so a
-compressed bomb (or a lying size in a zip header) costs at most that limit in memory.
+Nothing is ever extracted to disk. Every cap counts what decompression produces (decoded bytes, lines,
+rendered items), never only the compressed size, so a decompression bomb (or a lying size in a zip header)
+stops with a one-line error after at most the cap, and memory stays flat in the number of lines:
+- a C4 shard: each line at most LINE_CAP bytes, at most FILE_TEXT_CAP decoded bytes and FILE_LINES_CAP lines;
+- a zip: each member at most MEMBER_CAP decoded bytes, all members together ARCHIVE_TOTAL_CAP;
+- C-Eval and Alpaca items: at most ITEMS_CAP items and RENDERED_CAP characters of rendered text per source.
+The caps are 10x or more above the real files (a C4 shard: ~356K lines, ~800 MB; C-Eval: 13,948 questions in
+~10 MB of CSV; alpaca_data_cleaned.json: 51,760 entries, 44 MB; the JSON file cap is 3x that).
 """
 import gzip
 import zipfile
@@ -11,10 +17,14 @@ from pathlib import Path
 from ..errors import DataFormatError
 
 MiB = 1 << 20
-LINE_CAP = 64 * MiB            # one JSON Lines record (a C4 document is a few KiB)
-MEMBER_CAP = 512 * MiB         # one zip member (a C-Eval CSV is at most a few hundred KiB)
-ARCHIVE_TOTAL_CAP = 2048 * MiB  # all members read from one archive
-FILE_CAP = 1024 * MiB          # a whole JSON file (alpaca_data_cleaned.json is ~44 MB)
+LINE_CAP = 16 * MiB              # one JSON Lines record (a C4 document is a few KiB)
+FILE_TEXT_CAP = 4096 * MiB       # decoded bytes of one C4 shard (streamed: costs time, not memory)
+FILE_LINES_CAP = 4_000_000       # lines of one C4 shard (the scan keeps ~20 bytes per line)
+MEMBER_CAP = 16 * MiB            # one zip member (a C-Eval CSV is at most a few hundred KiB)
+ARCHIVE_TOTAL_CAP = 256 * MiB    # all members read from one archive
+FILE_CAP = 128 * MiB             # a whole JSON file (alpaca_data_cleaned.json is ~44 MB)
+ITEMS_CAP = 1_000_000            # C-Eval questions or Alpaca entries of one source
+RENDERED_CAP = 512 * MiB         # characters of rendered item text of one source
 GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -22,8 +32,8 @@ def _mib(n):
     return f"{n // MiB} MiB"
 
 
-def iter_lines(path, progress=None, line_cap=LINE_CAP):
-    """Yield (line_no, raw bytes) of a JSON Lines file, gzip-compressed or plain, streamed.
+def iter_lines(path, progress=None, line_cap=LINE_CAP, text_cap=FILE_TEXT_CAP, lines_cap=FILE_LINES_CAP):
+    """Yield (line_no, raw bytes) of a JSON Lines file, gzip-compressed or plain, streamed and capped.
 
     `progress(n_bytes)` is called now and then with the (compressed) bytes consumed since the last call.
     """
@@ -42,7 +52,7 @@ def iter_lines(path, progress=None, line_cap=LINE_CAP):
                                   "re-download it)")
         else:
             stream = raw
-        line_no, reported = 0, 0
+        line_no, reported, decoded = 0, 0, 0
         while True:
             try:
                 line = stream.readline(line_cap + 1)
@@ -52,9 +62,13 @@ def iter_lines(path, progress=None, line_cap=LINE_CAP):
             if not line:
                 return
             line_no += 1
+            decoded += len(line)
             if len(line) > line_cap:
                 raise DataFormatError(f"{path}: line {line_no} is longer than {line_cap} bytes "
                                       "(not a C4 JSON Lines shard, or a decompression bomb)")
+            if decoded > text_cap or line_no > lines_cap:
+                raise DataFormatError(f"{path}: decompresses to more than {_mib(text_cap)} or {lines_cap} lines "
+                                      "(a C4 shard holds ~356K lines; a decompression bomb?); split the file")
             if progress is not None and line_no % 2048 == 0:
                 progress(raw.tell() - reported)
                 reported = raw.tell()
@@ -105,6 +119,25 @@ class ZipBudget:
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
             raise DataFormatError(f"{where}: corrupt or truncated member ({exc}); re-download the archive") from None
         if len(data) > limit:
-            raise DataFormatError(f"{where}: decompresses to more than {_mib(limit)}; refusing to read it")
+            raise DataFormatError(f"{where}: decompresses to more than {_mib(limit)} (a decompression bomb?); "
+                                  "refusing to read it")
         self.total_left -= len(data)
         return data
+
+
+class ItemBudget:
+    """Counts the items of one source and the characters of their rendered text against the caps."""
+
+    def __init__(self, where, items_cap=None, text_cap=None):
+        self.items_cap = ITEMS_CAP if items_cap is None else items_cap
+        self.text_cap = RENDERED_CAP if text_cap is None else text_cap
+        self.where, self.items_left, self.text_left = where, self.items_cap, self.text_cap
+
+    def take(self, text, where=None):
+        self.items_left -= 1
+        self.text_left -= len(text)
+        if self.items_left < 0 or self.text_left < 0:
+            raise DataFormatError(f"{where or self.where}: more than {self.items_cap} items or "
+                                  f"{self.text_cap} characters of text (far beyond the real dataset; a "
+                                  "decompression bomb?); refusing to read further")
+        return text

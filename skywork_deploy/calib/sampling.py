@@ -20,6 +20,7 @@ positions within the item's tokens followed by its EOS (position len(item) is th
 Windows never depend on the batch sizes: only on the data, the tokenizer and the seed.
 """
 import heapq
+from array import array
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from .safeio import iter_lines
 
 KEY_BLOCK = 4096               # keys drawn per rng call during the scan
 TEXT_BUDGET = 256 << 20        # candidate texts kept in memory between passes
+ENTRY_OVERHEAD = 160           # bytes a kept text costs beyond its own (str header, dict slot, heap entry)
 BATCH_BYTES = 4 << 20          # text tokenized per batch (bounds the memory of the encodings)
 PACK_BATCH = 256               # items tokenized per batch when packing
 
@@ -133,10 +135,11 @@ class C4Corpus:
     """What the scan learned about every document, and the texts kept in memory."""
 
     files: list                        # [(name, Path)]
-    file_of: list = field(default_factory=list)
-    line_of: list = field(default_factory=list)
-    nbytes: list = field(default_factory=list)
-    keys: list = field(default_factory=list)
+    # compact arrays, ~20 bytes a document (Python lists of numbers cost ~117 bytes a line)
+    file_of: array = field(default_factory=lambda: array("I"))
+    line_of: array = field(default_factory=lambda: array("I"))
+    nbytes: array = field(default_factory=lambda: array("I"))
+    keys: array = field(default_factory=lambda: array("d"))
     cache: dict = field(default_factory=dict)
     passes: int = 1
     budget: int = TEXT_BUDGET          # bytes of text held in memory at once
@@ -158,10 +161,10 @@ class C4Corpus:
 
     def _refill(self, order, pos):
         want, total, j = {}, 0, pos
-        while j < len(order) and (not want or total + self.nbytes[order[j]] <= self.budget):
+        while j < len(order) and (not want or total + self.nbytes[order[j]] + ENTRY_OVERHEAD <= self.budget):
             idx = int(order[j])
             want.setdefault(self.file_of[idx], {})[self.line_of[idx]] = idx
-            total += self.nbytes[idx]
+            total += self.nbytes[idx] + ENTRY_OVERHEAD
             j += 1
         self.cache = {}
         self.passes += 1
@@ -207,11 +210,11 @@ def scan_c4(files, seqlen, rng, budget=TEXT_BUDGET, progress=None):
             if nb + 1 >= seqlen and key < cutoff:
                 heapq.heappush(heap, (-key, idx))
                 corpus.cache[idx] = text
-                kept_bytes += nb
+                kept_bytes += nb + ENTRY_OVERHEAD
                 while kept_bytes > budget:
                     negkey, j = heapq.heappop(heap)
                     cutoff = -negkey
-                    kept_bytes -= corpus.nbytes[j]
+                    kept_bytes -= corpus.nbytes[j] + ENTRY_OVERHEAD
                     del corpus.cache[j]
     if not corpus.keys:
         raise DataFormatError(f"{files[0][1]}: no documents (empty shard)" if len(files) == 1

@@ -63,8 +63,15 @@ def resolve_sources(dataset, given, split="val"):
 
 
 def download(dataset, text, split):
+    from ..hub import offline_reason
+
     m = HUB_ID.match(text)
     repo, filename = m["repo"], m["file"]
+    offline = offline_reason()  # at once, instead of huggingface_hub's retries
+    if offline:
+        raise NetworkError(f"{text}: cannot download from the Hugging Face hub ({offline}); pass local files "
+                           f"instead, e.g. --source ./{Path(HUB_DEFAULT_FILES.get(dataset, 'ceval-exam.zip')).name} "
+                           "(calibration/README.md says where to get them)")
     try:
         import huggingface_hub
     except ImportError:

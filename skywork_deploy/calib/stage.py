@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, ModelFormatError
-from ..fsutil import atomic_output_dir, sha256_file
+from ..fsutil import atomic_output_dir, check_output, sha256_file
 from ..manifest import read_manifest, write_manifest
 from ..spec import tokenizer_files
 from . import readers, sampling
@@ -38,14 +38,16 @@ def build_calib(dataset, sources, model, out, nsamples=DEFAULT_NSAMPLES, seqlen=
     seqlen = DEFAULT_SEQLEN[dataset] if seqlen is None else int(seqlen)
     if nsamples < 1 or seqlen < 1:
         raise InputError("--nsamples and --seqlen must be at least 1")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"--seed {seed}: must be a non-negative integer (numpy seeds are 0 or more)")
     if split is not None and dataset != "ceval":
         raise InputError(f"--split applies to ceval only, not {dataset}")
     if allow_packing and dataset != "c4":
         raise InputError("--allow-packing applies to c4 only (ceval and alpaca are always packed)")
     split = (split or DEFAULT_SPLIT) if dataset == "ceval" else None
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out}: already exists (choose another output folder or pass --overwrite)")
+    inputs = [model, *sources]
+    check_output(out, inputs, overwrite)  # the output rule, before any work
 
     src = resolve_sources(dataset, sources, split or DEFAULT_SPLIT)
     files = source_files(dataset, src)
@@ -83,7 +85,7 @@ def build_calib(dataset, sources, model, out, nsamples=DEFAULT_NSAMPLES, seqlen=
         "windows": windows,
         "dataset_block": block,
     }
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         write_safetensors(tmp / CALIB_FILE, ids, dataset, seed)
         fields["output"] = {"file": CALIB_FILE, "sha256": sha256_file(tmp / CALIB_FILE),
                             "shape": [nsamples, seqlen], "dtype": "int64"}
@@ -148,12 +150,14 @@ def load_tokenizer(model):
 
 
 def write_safetensors(path, ids, dataset, seed):
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     # One metadata key only: safetensors writes metadata from a hash map, so several keys change order per run.
-    save_file({"input_ids": ids, "attention_mask": np.ones_like(ids)}, str(path),
-              metadata={"format": f"skywork-deploy-calib dataset={dataset} seed={seed}"})
+    data = save({"input_ids": ids, "attention_mask": np.ones_like(ids)},
+                metadata={"format": f"skywork-deploy-calib dataset={dataset} seed={seed}"})
+    with open(path, "wb") as fh:  # written by Python, so a full disk is an OSError the CLI prints in one line
+        fh.write(data)
 
 
 def read_calib_manifest(path_or_folder):

@@ -1,13 +1,13 @@
 """`skywork-deploy bench`: thin CLI over skywork_deploy.runtime.bench."""
 import click
 
-from .common import emit_json, handle_errors, json_option, parse_int_list
-from .run import backend_options
+from .common import PathArg, emit_json, handle_errors, json_option, parse_int_list, positive_int_list
+from .run import backend_options, bundle_or_endpoint, endpoint_options
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--prompt-len", callback=parse_int_list, default="128,1024", show_default=True,
+@click.argument("bundle", type=PathArg("bundle", hub=False), required=False)
+@click.option("--prompt-len", callback=positive_int_list, default="128,1024", show_default=True,
               help="Prompt lengths in tokens, comma-separated (random ordinary tokens, seeded).")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
               help="Decode steps per run (EOS ignored).")
@@ -18,23 +18,45 @@ from .run import backend_options
 @click.option("--no-io-binding", is_flag=True, help="ONNX Runtime: plain session.run loop (to measure IOBinding).")
 @click.option("--no-kv-in-place", is_flag=True,
               help="ONNX Runtime: a fresh present per step instead of appending to one K/V buffer (to measure it).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@endpoint_options
+@click.option("--concurrency", callback=parse_int_list, default=None,
+              help="Serving benchmark at these concurrency levels, e.g. 1,4,8,16 (the default with --endpoint).")
+@click.option("--input-len", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Serving benchmark: prompt tokens (random ordinary tokens, seeded).")
+@click.option("--output-len", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Serving benchmark: tokens generated per request (ignore_eos).")
+@click.option("--num-prompts", type=click.IntRange(min=1), default=None,
+              help="Serving benchmark: requests per level (default: max(4, 2 x concurrency)).")
 @json_option
 @handle_errors
 def bench(bundle, prompt_len, new_tokens, repeats, backend, threads, int8_accuracy, no_reference, no_io_binding,
-          no_kv_in_place, seed, as_json):
-    """Measure prefill latency and decode speed of BUNDLE against transformers eager.
+          no_kv_in_place, seed, endpoint, model_name, api_key, concurrency, input_len, output_len, num_prompts,
+          as_json):
+    """Measure prefill latency and decode speed of BUNDLE against transformers eager, or serving speed.
 
     For each prompt length: prefill milliseconds and decode tokens/s at batch 1 (medians over --repeats),
     then the same for transformers' Qwen2ForCausalLM (eager attention, fp32) loaded from the bundle's
     source model in the same run, and the ratios (prefill speed-up, decode ratio; > 1 means faster).
+
+    With --endpoint URL (any OpenAI-compatible server) or --concurrency, it runs the vendor's serving
+    benchmark instead: random prompts of --input-len tokens, --output-len tokens each with ignore_eos,
+    streamed, at each --concurrency level; request and token throughput and mean/median/p99 of TTFT,
+    TPOT ((latency - TTFT) / (tokens - 1)), ITL and end-to-end latency in ms. On a BUNDLE it starts
+    `skywork-deploy serve`'s server on a free loopback port and measures through it.
 
     \b
     Examples:
       skywork-deploy bench ./or1-7b-onnx
       skywork-deploy bench ./qwen-0.5b-int8 --prompt-len 128 --new-tokens 64 --threads 2 --int8-accuracy fast
       skywork-deploy bench ./qwen-0.5b-onnx --no-reference --json
+      skywork-deploy bench --endpoint http://127.0.0.1:9900/v1 --input-len 510 --output-len 512
+      skywork-deploy bench ./qwen-0.5b-int8 --concurrency 1,4,8 --int8-accuracy fast --threads 2
     """
+    bundle_or_endpoint(bundle, endpoint)
+    if endpoint or concurrency:
+        return serving_bench(bundle, endpoint, model_name, api_key, concurrency or [1, 4, 8, 16], input_len,
+                             output_len, num_prompts, threads, int8_accuracy, seed, as_json)
     from ..runtime.bench import bench_bundle
     from ..runtime.bundle import open_bundle
 
@@ -55,3 +77,30 @@ def bench(bundle, prompt_len, new_tokens, repeats, backend, threads, int8_accura
         click.echo(f"{r['prompt_len']:>7} {r['prefill_ms']:11.1f} {r['decode_tokens_per_s']:13.2f} " + " ".join(ref))
     if report.get("reference_error"):
         click.echo(f"reference skipped: {report['reference_error']}", err=True)
+
+
+def serving_bench(bundle, endpoint, model_name, api_key, concurrency, input_len, output_len, num_prompts, threads,
+                  int8_accuracy, seed, as_json):
+    from ..serve.loadgen import bench_endpoint, format_table
+
+    running, tokenizer = None, None
+    if bundle is not None:  # our own server on a free loopback port: the same HTTP path as --endpoint
+        from ..serve.server import start_in_thread
+
+        running = start_in_thread(bundle, threads=threads, int8_accuracy=int8_accuracy, max_batch=max(concurrency),
+                                  max_queue=max(64, 4 * max(concurrency)))
+        endpoint, tokenizer = running.url, None
+    try:
+        report = bench_endpoint(endpoint, model_name, api_key, input_len, output_len, concurrency, num_prompts,
+                                tokenizer=tokenizer, seed=seed)
+    finally:
+        if running is not None:
+            running.stop()
+    if bundle is not None:
+        report["server"] = {"bundle": str(bundle), "threads": threads, "int8_accuracy": int8_accuracy,
+                            "max_batch": max(concurrency)}
+    if as_json:
+        emit_json(report)
+        return
+    for line in format_table(report):
+        click.echo(line)

@@ -1,22 +1,22 @@
 """`skywork-deploy calib`: thin CLI over skywork_deploy.calib."""
 import click
 
-from .common import emit_json, handle_errors, json_option
+from .common import PathArg, emit_json, handle_errors, json_option
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--dataset", type=click.Choice(["c4", "ceval", "alpaca"]), required=True,
               help="Which calibration source SOURCE is.")
-@click.option("--source", "sources", multiple=True, required=True,
+@click.option("--source", "sources", multiple=True, required=True, type=PathArg("source", hub=True),
               help="Local file or folder (C4: .json.gz shards, repeatable; C-Eval: ceval-exam.zip or its folder; "
                    "Alpaca: alpaca_data_cleaned.json), or a hub id (allenai/c4, ceval/ceval-exam, "
                    "yahma/alpaca-cleaned).")
-@click.option("--model", required=True, help="Model folder (or hub id) whose tokenizer is used.")
+@click.option("--model", required=True, type=PathArg("model", hub=True), help="Model folder (or hub id) whose tokenizer is used.")
 @click.option("--nsamples", type=click.IntRange(min=1), default=None,
               help="Number of windows.  [default: 128]")
 @click.option("--seqlen", type=click.IntRange(min=1), default=None,
               help="Tokens per window.  [default: c4 1024, ceval 128, alpaca 512]")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the one numpy generator.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the one numpy generator.")
 @click.option("--split", type=click.Choice(["dev", "val", "test"]), default=None,
               help="C-Eval split.  [default: val]")
 @click.option("--allow-packing", is_flag=True,
@@ -39,14 +39,11 @@ def calib(dataset, sources, model, nsamples, seqlen, seed, split, allow_packing,
       skywork-deploy calib --dataset alpaca --source alpaca_data_cleaned.json --model ./or1-7b -o calib-alpaca
       skywork-deploy calib --dataset c4 --source allenai/c4 --model ./or1-7b --seqlen 2048 -o calib-c4-2k
     """
-    import sys
-
-    from tqdm import tqdm
-
     from .. import calib as stage
     from ..calib.stage import summary_lines
+    from ..progress import bar as progress_bar
 
-    bar = tqdm(unit="B", unit_scale=True, desc="reading", file=sys.stderr, disable=None, leave=False)
+    bar = progress_bar(desc="calib: reading", unit="B", unit_scale=True)
 
     try:
         result = stage.build_calib(dataset, list(sources), model, out,

@@ -1,25 +1,47 @@
-"""Shared pieces of the CLI: error conversion, JSON output, option parsing helpers."""
+"""Shared pieces of the CLI: error conversion and exit codes, JSON output, path and option parsing helpers.
+
+Exit codes, the same in every command: 0 success; 1 the work failed (a check did not pass, a file is corrupt,
+the disk filled up, the compiler failed); 2 a usage error (an unknown or missing option, a bad option value,
+a missing or wrong path). With `--json`, stdout always carries one JSON object: the result with `"ok": true`,
+or `{"ok": false, "error": ..., "stage": ..., "exit_code": ...}` (written by the group, cli/__init__.py).
+"""
 import errno
 import functools
 import json
+import re
 import sys
+from pathlib import Path
 
 import click
 
-from ..errors import DeployError
+from ..errors import DeployError, UsageError
+from ..manifest import MANIFEST_NAME
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
+HUB_SOURCE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/.+)?$")  # org/name[/file in the dataset repo]
+
+
+class CommandError(click.ClickException):
+    """A one-line error with its exit code and the stage it happened in (for `--json`)."""
+
+    def __init__(self, message, exit_code=EXIT_FAILED, stage=None, details=None):
+        super().__init__(message)
+        self.exit_code, self.stage, self.details = exit_code, stage, details or {}
 
 
 def handle_errors(fn):
-    """Turn the library's DeployError into a one-line ClickException (exit 1), never a traceback."""
+    """Turn the library's DeployError into a one-line error (exit 2 for UsageError, else 1), never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except DeployError as exc:
-            raise click.ClickException(str(exc)) from None
+            code = EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
+            raise CommandError(str(exc), code, getattr(exc, "stage", None)) from None
         except OSError as exc:  # the disk filled up or a path is not writable mid-run: one line, not a traceback
-            raise click.ClickException(os_error_message(exc)) from None
+            raise CommandError(os_error_message(exc)) from None
         except KeyboardInterrupt:
             click.echo("Interrupted; nothing half-written was left in place.", err=True)
             sys.exit(130)
@@ -27,9 +49,68 @@ def handle_errors(fn):
     return wrapper
 
 
+def failure_json(exc, stage):
+    """The one JSON object `--json` prints for a failed command."""
+    if isinstance(exc, click.ClickException):
+        message, code = exc.format_message(), exc.exit_code
+    else:  # a bug: the traceback still goes to stderr
+        message, code = f"internal error: {type(exc).__name__}: {exc}", EXIT_FAILED
+    return {"ok": False, "error": message, "stage": getattr(exc, "stage", None) or stage, "exit_code": code,
+            **getattr(exc, "details", {})}
+
+
+def path_problem(value, kind="model", hub=True):
+    """Why `value` is not a usable path of `kind` (None when it is).
+
+    kind: "model" (a folder holding config.json), "bundle" (a folder holding config.json or a stage output),
+    "source" (any file or folder). `hub`: a string shaped like a hub id (org/name) that is not a local path is
+    accepted; the stage downloads it or says that it cannot.
+    """
+    path = Path(str(value)).expanduser()
+    if not path.exists():
+        hub_like = (HUB_SOURCE if kind == "source" else HUB_ID).match(str(value))
+        if hub and hub_like and not str(value).startswith((".", "/", "~")):
+            return None
+        what = "file or folder" if kind == "source" else "folder"
+        hint = " or a hub id like org/name" if hub else ""
+        return f"{value}: no such {what} (pass an existing {what}{hint})"
+    if kind == "source":
+        return None
+    if not path.is_dir():
+        return f"{value}: not a folder (pass the {'model' if kind == 'model' else 'bundle'} folder, not a file)"
+    if (path / "config.json").is_file():
+        return None
+    if kind == "bundle" and ((path / MANIFEST_NAME).is_file() or any(path.glob(f"*/{MANIFEST_NAME}"))):
+        return None  # a stage output (export bundle) or a build folder holding one
+    return (f"{value}: not a model folder (no config.json in it; pass the folder that holds config.json"
+            f"{', or an export/build folder' if kind == 'bundle' else ''})")
+
+
+def check_path(value, where, kind="model", hub=True):
+    """Raise UsageError (exit 2) naming `where` (an option or build.yaml key) when `value` is not usable."""
+    problem = path_problem(value, kind, hub)
+    if problem:
+        raise UsageError(f"{where}: {problem}")
+
+
+class PathArg(click.ParamType):
+    """A path argument checked before the command runs: a missing or wrong path is a usage error (exit 2)."""
+
+    name = "path"
+
+    def __init__(self, kind="model", hub=True):
+        self.kind, self.hub = kind, hub
+
+    def convert(self, value, param, ctx):
+        problem = path_problem(value, self.kind, self.hub)
+        if problem:
+            self.fail(problem, param, ctx)
+        return value
+
+
 def os_error_message(exc):
     where = f": {exc.filename}" if exc.filename else ""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         hint = "free disk space or choose another output folder"
     else:
         hint = "check the path and its permissions"
@@ -37,7 +118,17 @@ def os_error_message(exc):
 
 
 def emit_json(data):
+    """The one JSON object of a successful command on stdout (`"ok": true` added to a dict)."""
+    if isinstance(data, dict) and "ok" not in data:
+        data = {"ok": True, **data}
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def stage_echo():
+    """Print a `[stage] ...` progress line on stderr (silent with -q)."""
+    from ..verbosity import stage_lines
+
+    return (lambda text: click.echo(text, err=True)) if stage_lines() else (lambda text: None)
 
 
 def json_option(fn):
@@ -60,3 +151,36 @@ def parse_int_list(ctx, param, value):
             except ValueError:
                 raise click.BadParameter(f"{part!r} is not an integer (example: 1024,2048)") from None
     return out or None
+
+
+def finite_number(ctx, param, value):
+    """Click callback: refuse nan and inf (FloatRange lets nan through: every comparison with it is false)."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def utf8_texts(ctx, param, value):
+    """Click callback: texts that are valid UTF-8 (bytes the shell could not decode arrive as surrogates)."""
+    for text in value if isinstance(value, (tuple, list)) else [value]:
+        if text is None:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            byte = ord(exc.object[exc.start]) - 0xDC00  # the shell's undecodable byte, as surrogateescape keeps it
+            shown = f"0x{byte:02x}" if 0 <= byte < 256 else repr(exc.object[exc.start])
+            raise click.BadParameter(f"not valid UTF-8 (byte {shown} at character {exc.start}); pass UTF-8 "
+                                     "text") from None
+    return value
+
+
+def positive_int_list(ctx, param, value):
+    """Click callback: parse_int_list, every item at least 1."""
+    items = parse_int_list(ctx, param, value)
+    for n in items or ():
+        if n < 1:
+            raise click.BadParameter(f"{n} is not a positive integer (example: 128,1024)")
+    return items

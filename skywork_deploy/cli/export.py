@@ -1,11 +1,11 @@
 """`skywork-deploy export`: thin CLI over skywork_deploy.export."""
 import click
 
-from .common import emit_json, handle_errors, json_option, parse_int_list
+from .common import PathArg, emit_json, handle_errors, json_option, parse_int_list
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model")
+@click.argument("model", type=PathArg("model", hub=True))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Bundle folder to create.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="Weights and activations: fp32 (default), fp16, or int8 W8A16 (implied for a quantized folder).")

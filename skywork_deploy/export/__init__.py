@@ -15,12 +15,11 @@ The bundle layout is the contract in CONTRACT_EXPORT.md. Both graphs reference t
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from ..errors import ConfigError, InputError, ValidationError
-from ..fsutil import atomic_output_dir, peak_rss_bytes, sha256_file, write_json
+from ..errors import ConfigError, InputError, ModelFormatError, ValidationError
+from ..fsutil import atomic_output_dir, check_output, peak_rss_bytes, sha256_file, work_dir, write_json
 from ..manifest import write_manifest
 from ..spec import TOKENIZER_SIDE_FILES, ModelSpec, read_config
 
@@ -64,10 +63,13 @@ def check_options(spec, dtype, int8_format, seq_lens, quantized, ort_ops="contri
 
 def _prepare_folder(folder, workdir):
     """A patched folder to read from: `folder` itself when current, else a patched temporary copy."""
-    from ..patch import patch_model, patch_status
+    from ..patch import patch_model, remote_code_problems, verify_if_patched
 
-    if patch_status(folder)["current"]:
+    if verify_if_patched(folder)["current"]:  # a patched folder that changed is refused, naming the change
         return folder, False
+    problems = remote_code_problems(folder)  # nothing a later trust_remote_code could run rides along
+    if problems:
+        raise ModelFormatError(problems[0])
     patched = Path(workdir) / "patched"
     patch_model(str(folder), out=str(patched))
     return patched, True
@@ -106,6 +108,8 @@ def build_graphs(folder, dtype, int8_format, seq_lens, ort_ops="contrib"):
             weights.fold_transposes(proto, params)
             if int8_format != "vacc":  # ONNX Runtime graphs only; the vacc graph keeps the vendor's op per layer
                 fuse.fuse_projections(proto, params)
+            if is_int8 and int8_format == "standard":  # embedding / lm_head: fp16 when the checkpoint is 16-bit
+                int8.half_float_weights(proto, params, weights.source_dtypes(folder))
             protos.append(proto)
             params_list.append(params)
     del model
@@ -122,17 +126,18 @@ def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, 
     from ..patch import resolve_model
 
     start = time.perf_counter()
+    timing = {}  # seconds per phase, in the manifest and the result
     src = resolve_model(str(model))
     spec = ModelSpec.from_folder(src)
     cfg = read_config(src)
     quantized = (cfg.get("quantization_config") or {}).get("quant_method") == "vacc_w8a16"
     dtype, int8_format, seq_lens, ort_ops = check_options(spec, dtype, int8_format, seq_lens, quantized, ort_ops)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out}: already exists (choose another output folder or remove it)")
-    with tempfile.TemporaryDirectory(prefix="skywork-export-") as work:
+    check_output(out, [src], overwrite)  # the output rule, before any work
+    with work_dir("skywork-export-") as work:
         folder, patched_copy = _prepare_folder(src, work)
         protos, params_list = build_graphs(folder, dtype, int8_format, seq_lens, ort_ops)
+        timing["trace"] = _lap(start)
         simplified = {}
         for i, kind in enumerate(GRAPHS):
             if simplify:
@@ -141,24 +146,28 @@ def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, 
                 n = len(protos[i].graph.node)
                 simplified[kind] = {"applied": False, "nodes_before": n, "nodes_after": n,
                                     "message": "--no-simplify"}
+        timing["simplify"] = _lap(start, timing)
         specs = {}
         for proto, params in zip(protos, params_list):
             specs.update(weights.param_specs(proto, params))
         need = int(weights.estimate_bytes(specs) * 1.05) + (64 << 20)
         _check_disk(out, need)
         trace_seconds = time.perf_counter() - start
-        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        with atomic_output_dir(out, overwrite=overwrite, inputs=[src]) as tmp:
             data_bytes = weights.write_initializers(folder, protos, params_list, tmp / weights.DATA_FILE)
+            timing["weights"] = _lap(start, timing)
             for kind, proto in zip(GRAPHS, protos):
                 onnx.save_model(proto, str(tmp / f"{kind}.onnx"))
                 onnx.checker.check_model(str(tmp / f"{kind}.onnx"))
             _copy_side_files(folder, tmp)
+            timing["save_and_check"] = _lap(start, timing)
             write_seconds = time.perf_counter() - start - trace_seconds
             export_rss = peak_rss_bytes()  # before validation loads the reference model and ORT sessions
             report = _validate(tmp, folder, dtype, int8_format, spec, seq_lens, protos)
+            timing["validation"] = report.get("seconds", {})
             write_json(tmp / "validation.json", report)
             manifest = _manifest(tmp, src, spec, dtype, int8_format, seq_lens, ort_ops, protos, simplified,
-                                 data_bytes, patched_copy, report)
+                                 data_bytes, patched_copy, report, timing)
             if report["passed"] is False:
                 failed = out.with_name(out.name + ".failed")
                 shutil.rmtree(failed, ignore_errors=True)
@@ -173,9 +182,15 @@ def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, 
               "write_seconds": round(write_seconds, 2), "peak_rss_bytes": peak_rss_bytes(),
               "export_peak_rss_bytes": export_rss, "validate_seconds": round(seconds - trace_seconds - write_seconds, 2),
               "weight_bytes": data_bytes, "nodes": {k: v["nodes_after"] for k, v in simplified.items()},
-              "simplify": simplified, "validation": report, "manifest": manifest,
+              "simplify": simplified, "validation": report, "manifest": manifest, "timing": timing,
               "custom_nodes": len(int8.custom_nodes(protos[0]))}
     return result
+
+
+def _lap(start, timing=None):
+    """Seconds since `start` minus the phases already in `timing` (the phase that just ended)."""
+    done = sum(v for v in (timing or {}).values() if isinstance(v, (int, float)))
+    return round(time.perf_counter() - start - done, 2)
 
 
 def _copy_side_files(folder, dst):
@@ -202,7 +217,7 @@ def _validate(bundle, folder, dtype, int8_format, spec, seq_lens, protos):
         modes = [(f"{dtype} ort", v.FAST, True)]
     else:
         modes = [("int8 ort exact", v.EXACT, True), ("int8 ort unfused", v.UNFUSED, True),
-                 ("int8 ort default(fast)", v.FAST, False)]
+                 (v.FAST_MODE, v.FAST, False)]
     data_bytes = (bundle / weights.DATA_FILE).stat().st_size
     sizes = v.weight_bytes(protos[0])
     skipped_modes = {mode: why for mode, options, _ in modes
@@ -220,7 +235,10 @@ def _validate(bundle, folder, dtype, int8_format, spec, seq_lens, protos):
         log.warning("ONNX Runtime validation skipped: %s", reason)
         return {**base, "passed": None, "skipped": reason, "skipped_modes": skipped_modes, "rows": [],
                 "table": f"WARNING: ONNX Runtime validation skipped (bundle not validated): {reason}"}
+    clock = time.perf_counter()
+    seconds = {}  # per phase: the one reference pass, then each mode (its sessions and steps)
     ref = v.reference_logits(folder, is_int8, spec.vocab_size, seq, how)
+    seconds["reference"] = round(time.perf_counter() - clock, 2)
     paths = [bundle / f"{k}.onnx" for k in GRAPHS]
     temp = []
     if int8_format == "vacc":  # ORT cannot run the custom op: check its reference rewrite (same weights)
@@ -234,16 +252,18 @@ def _validate(bundle, folder, dtype, int8_format, spec, seq_lens, protos):
             if mode in skipped_modes:
                 log.warning("validation mode %r skipped: %s", mode, skipped_modes[mode])
                 continue
+            clock = time.perf_counter()
             steps, nonfinite = v.run_chain(paths[0], paths[1], spec.num_layers, spec.vocab_size, seq, options,
-                                           float_np, low_memory=not is_int8)
+                                           float_np, low_memory=not is_int8, desc=f"validate: {mode}")
             rows += v.compare(mode, "fp16" if dtype == "fp16" else "exact", gated, steps, nonfinite, ref)
+            seconds[mode] = round(time.perf_counter() - clock, 2)
     finally:
         for path in temp:
             path.unlink(missing_ok=True)
     checked = "vacc graph with custom nodes rewritten to DequantizeLinear+Transpose+MatMul" \
         if int8_format == "vacc" else "bundle graphs"
     report = {**base, "passed": all(r["ok"] for r in rows), "checked": checked, "rows": rows,
-              "table": v.table(rows)}
+              "table": v.table(rows), "seconds": seconds}
     if skipped_modes:
         report["skipped_modes"] = skipped_modes
     log.debug("validation:\n%s", report["table"])
@@ -258,7 +278,7 @@ def _io(values):
 
 
 def _manifest(bundle, src, spec, dtype, int8_format, seq_lens, ort_ops, protos, simplified, data_bytes,
-              patched_copy, report):
+              patched_copy, report, timing=None):
     from . import graphs, int8, weights
 
     float_type = "float16" if dtype == "fp16" else "float32"
@@ -290,4 +310,14 @@ def _manifest(bundle, src, spec, dtype, int8_format, seq_lens, ort_ops, protos, 
         patched_on_the_fly=patched_copy, validation={"passed": report["passed"], "file": "validation.json",
                                                  **({"skipped": report["skipped"]} if "skipped" in report else {})},
         ort_ops=ort_ops, options={"dtype": dtype, "int8_format": int8_format, "seq_lens": seq_lens, "ort_ops": ort_ops},
+        fp16_weights=_fp16_weights(protos[0], dtype), seconds=timing or {},
     )
+
+
+def _fp16_weights(proto, dtype):
+    """Float weights an int8 graph keeps in fp16 (embedding, lm_head from a 16-bit checkpoint)."""
+    import onnx
+
+    if dtype != "int8":
+        return []
+    return sorted(t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)

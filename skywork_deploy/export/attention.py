@@ -75,7 +75,7 @@ def ort_patches():
         out = reshape(out, [0, 0, h * d])  # (B, S, H*D)
         return self.o_proj(out), present
 
-    return [(modeling.Qwen2Attention, "forward", forward,
+    return [(modeling.Qwen2Attention, "attend", forward,
              "group query heads per K/V head instead of repeating K/V (no per-step copy of the cache); rotary "
              "on q and k together; constant reshape targets"),
             (modeling, "rotary_cos_sin", rotary_cos_sin,

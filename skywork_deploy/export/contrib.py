@@ -153,5 +153,5 @@ def ort_patches():
             h, x = skip_norm(layer.mlp(h), x, norm.weight, norm.variance_epsilon)
         return h, tuple(presents)
 
-    return [(modeling.Qwen2Model, "forward", model_forward,
+    return [(modeling.Qwen2Model, "core", model_forward,
              "ONNX Runtime contrib ops: SkipSimplifiedLayerNormalization, RotaryEmbedding, GroupQueryAttention")]

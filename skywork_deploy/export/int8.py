@@ -12,6 +12,13 @@ that DequantizeLinear feeds MatMul directly (the pattern ORT may fuse into MatMu
 
 `to_reference` rewrites a copy of the vacc graph with the same initializers (DQ axis 0, then Transpose), so
 ORT can check the vacc graph numerically even though it cannot run the custom op.
+
+`half_float_weights` stores what stays unquantized in an ONNX Runtime int8 graph (the embedding table and an
+fp32 lm_head) in fp16 when the checkpoint holds them in bf16/fp16 (every such value with |x| in fp16's normal
+range converts exactly, so fp32 storage buys no accuracy; the gated exact validation checks the whole graph):
+
+    table fp16 ──► Gather ──► Cast(float) ──►          (only the looked-up rows are widened)
+    lm_head.T fp16 ──► Cast(float) ──► MatMul ──►      (ONNX Runtime folds the Cast once, at load time)
 """
 import onnx
 from onnx import helper
@@ -120,3 +127,46 @@ def ensure_domain(proto):
     if custom_nodes(proto) and not any(o.domain == DOMAIN for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     return proto
+
+
+HALF_SOURCES = ("BF16", "F16")  # checkpoint dtypes whose values fp16 holds exactly (in its normal range)
+HALF_WEIGHTS = ("embed_tokens.weight", "lm_head.weight")
+
+
+def half_float_weights(proto, params, source_dtypes):
+    """Store the float32 embedding / lm_head inputs as fp16 when the checkpoint holds them in bf16/fp16.
+
+    `source_dtypes` {state name: safetensors dtype}. Returns the graph inputs changed (for the manifest).
+    """
+    inputs = {v.name: v for v in proto.graph.input}
+    changed = []
+    for name, (recipe, _) in params.items():
+        names = recipe if isinstance(recipe, tuple) else (recipe,)
+        value = inputs.get(name)
+        if (value is None or value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT
+                or not all(n.endswith(HALF_WEIGHTS) and source_dtypes.get(n) in HALF_SOURCES for n in names)):
+            continue
+        value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+        changed.append(name)
+    if not changed:
+        return changed
+    half, casted = set(changed), set()
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type == "Gather" and node.input[0] in half:  # widen the gathered rows, not the table
+            wide = node.output[0]
+            node.output[0] = wide + "/fp16"
+            nodes += [node, helper.make_node("Cast", [node.output[0]], [wide], name=node.name + "/Cast",
+                                             to=onnx.TensorProto.FLOAT)]
+            continue
+        for k, name in enumerate(node.input):
+            if name in half:
+                wide = name + "/fp32"
+                if wide not in casted:
+                    casted.add(wide)
+                    nodes.append(helper.make_node("Cast", [name], [wide], name=wide + "/Cast",
+                                                  to=onnx.TensorProto.FLOAT))
+                node.input[k] = wide
+        nodes.append(node)
+    replace_nodes(proto, nodes)
+    return changed

@@ -36,6 +36,11 @@ SEED = 1234
 FAST = {}
 EXACT = {"session.qdq_matmulnbits_accuracy_level": "0"}
 UNFUSED = {"session.disable_quant_qdq": "1"}
+# ONNX Runtime's default int8 path, MatMulNBits with int8 activations: what `run --int8-accuracy fast` uses
+# (`run`'s default is `exact`, the vendor's W8A16 arithmetic, which the gated modes check).
+FAST_MODE = "int8 ort fast"
+LEGEND = ("ok: yes / NO = within / beyond tol (gated); info = reported, not gated: the int8 fast path "
+          "(run --int8-accuracy fast) quantizes activations to int8, so its error above tol is expected")
 REFERENCE_ENV = "SKYWORK_DEPLOY_REFERENCE"
 REFERENCES = ("auto", "whole", "streamed")
 WHOLE_MAX_FRACTION = 0.4  # whole fp32 reference only while its weights take at most this share of free RAM
@@ -70,9 +75,9 @@ def tolerance(kind, ref):
 
 
 def available_bytes():
-    import psutil
+    from ..memory import available_bytes as available
 
-    return psutil.virtual_memory().available
+    return available()
 
 
 def choose_reference(fp32_bytes, available=None):
@@ -133,66 +138,73 @@ def _whole_logits(folder, int8, ids, mask, pos):
 
 
 def session_estimate(data_bytes, weights, options, int8):
-    """Rough peak bytes of one ORT CPU session on external data; `weights` from `weight_bytes(proto)`.
+    """Peak bytes of one validation session (skywork_deploy.memory's estimate); `weights` from weight_bytes.
 
-    Measured on 7B-shaped graphs (benchmarks/results/ort_session_memory.json, export_validation.json): ORT
-    maps the external data file read-only (file-backed pages). Float graphs run here without prepacking, so a
-    run touches the whole mapping and nothing else. int8 graphs keep prepacking, as the runtime does: ORT
-    copies the float MatMul weights (prepacked; mapped pages and copy coexist while it packs, hence 2x) and
-    the int8 weights (packed for MatMulNBits, or folded to fp32, 4x, by `session.disable_quant_qdq`) into its
-    own memory. 7B-shaped 2-layer int8 prefill: 4.64 GiB peak (estimate 5.2), unfused 5.88 (6.6).
+    Float graphs run here without prepacking (LOW_MEMORY_SESSION): their fp32 weights stay in ORT's read-only
+    mapping of the data file. int8 graphs keep prepacking, as the runtime does (MatMulNBits packs the int8
+    weights once; `session.disable_quant_qdq` folds them to fp32, 4x). 7B-shaped 2-layer int8 prefill:
+    4.64 GiB peak, unfused 5.88 (benchmarks/results/ort_session_memory.json).
     """
-    if not int8:
-        need = data_bytes
-    else:
-        need = 2 * weights["matmul_float"] + weights["int8"] * (4 if options is UNFUSED else 1)
-    return int(need * 1.1) + (256 << 20)
+    from ..memory import mode_for, session_bytes
+
+    w = {"int8": weights.get("int8", 0), "matmul_float32": weights.get("matmul_float", 0),
+         "matmul_float16": weights.get("matmul_float16", 0)}
+    w["other"] = max(0, data_bytes - sum(w.values()))
+    return session_bytes(w, mode_for(int8, {**({} if int8 else LOW_MEMORY_SESSION), **options}))
 
 
 def ort_fits(data_bytes, weights, options, int8, available=None):
-    """None when a session should fit, else the reason to skip it."""
-    need = session_estimate(data_bytes, weights, options, int8)
-    available = available_bytes() if available is None else available
-    if need <= available * ORT_MAX_FRACTION:
-        return None
-    return (f"an ONNX Runtime session needs about {need / 2**30:.1f} GiB, more than {ORT_MAX_FRACTION:.0%} of "
-            f"the {available / 2**30:.1f} GiB available")
+    """None when a session should fit, else the reason to skip it ("needs X GiB, have Y GiB")."""
+    from ..memory import Fit
+
+    fit = Fit("an ONNX Runtime session", session_estimate(data_bytes, weights, options, int8),
+              available_bytes() if available is None else available, ORT_MAX_FRACTION)
+    return None if fit.fits else fit.message
 
 
 def weight_bytes(proto):
-    """{"int8": bytes of int8 initializers, "matmul_float": bytes of float initializers read by MatMul/Gemm}."""
+    """{"int8": int8 initializer bytes, "matmul_float"/"matmul_float16": fp32/fp16 ones read by MatMul/Gemm}."""
     import onnx
 
     matmul_inputs = {name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") for name in n.input}
-    out = {"int8": 0, "matmul_float": 0}
+    matmul_inputs |= {n.input[0] for n in proto.graph.node if n.op_type == "Cast" and n.output[0] in matmul_inputs}
+    out = {"int8": 0, "matmul_float": 0, "matmul_float16": 0}
     for t in proto.graph.initializer:
         size = int(next((e.value for e in t.external_data if e.key == "length"), 0) or len(t.raw_data))
         if t.data_type == onnx.TensorProto.INT8:
             out["int8"] += size
         elif t.name in matmul_inputs:
-            out["matmul_float"] += size
+            out["matmul_float16" if t.data_type == onnx.TensorProto.FLOAT16 else "matmul_float"] += size
     return out
 
 
 def _session(path, options, low_memory):
     import onnxruntime as ort
 
+    from ..verbosity import ort_severity
+
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = ort_severity()  # errors only unless -v / -vv
     so.enable_cpu_mem_arena = False  # activations freed after each run, not kept in a growing arena
     for key, value in {**(LOW_MEMORY_SESSION if low_memory else {}), **options}.items():
         so.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def run_chain(prefill_path, decode_path, num_layers, vocab, seq_len, options, float_np, low_memory=True):
+def run_chain(prefill_path, decode_path, num_layers, vocab, seq_len, options, float_np, low_memory=True,
+              desc="validate"):
     """ORT logits per step: prefill, then DECODE_STEPS decodes of the forced tokens with its own presents.
 
     One session at a time: the prefill session is freed (its presents kept as NumPy) before the decode one.
+    A progress bar `desc` counts the steps (prefill + decodes, each with its session load).
     """
+    from ..progress import bar
+
     ids, mask, forced = make_inputs(vocab, seq_len)
+    steps = bar(total=1 + DECODE_STEPS, desc=desc, unit="step")
     session = _session(prefill_path, options, low_memory)
     out = session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)})
+    steps.update(1)
     del session  # freed here (reference counting): one session at a time
     logits, nonfinite = [out[0][:, -1, :]], [not all(np.isfinite(t).all() for t in out)]
     past = [t.astype(float_np) for t in out[1:]]
@@ -209,6 +221,8 @@ def run_chain(prefill_path, decode_path, num_layers, vocab, seq_len, options, fl
         logits.append(out[0][:, -1, :])
         nonfinite.append(not all(np.isfinite(t).all() for t in out))
         past = [t.astype(float_np) for t in out[1:]]
+        steps.update(1)
+    steps.close()
     del session
     return logits, nonfinite
 
@@ -252,4 +266,6 @@ def table(rows):
         ok = ("yes" if r["ok"] else "NO") if r["gated"] else "info"
         lines.append(f"{r['mode']:<22}{r['step']:<10}{r['max_abs_diff']:>11.3g}{r['tolerance']:>10.3g}"
                      f"{r['cosine']:>10.6f}{r['kl']:>10.2e}{r['top1_agreement']:>6.2f}  {ok}")
+    if any(not r["gated"] for r in rows):
+        lines.append(LEGEND)
     return "\n".join(lines)

@@ -7,8 +7,10 @@ the fly from float weights when the folder is not quantized yet). Tensors are re
 file reads (no mmap, so the shards never count in this process's RSS), converted, and appended to
 `model.onnx.data`; a transposed tensor is converted in column blocks (for a fused recipe, each block is the
 parts' blocks side by side). Peak memory is about one source tensor (one fused group) plus one block,
-whatever the number of layers.
+whatever the number of layers; one reader thread fetches the next tensor while this one is written (one more
+source tensor in memory, the read overlapping the conversion).
 """
+import contextlib
 import json
 import struct
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import ModelFormatError
+from ..progress import bar
 from ..spec import checkpoint_files
 from .edit import attr, bypass, index
 
@@ -59,6 +62,11 @@ class Checkpoint:
         if not buf:
             return torch.zeros(meta["shape"], dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
+
+
+def source_dtypes(folder):
+    """{state name: safetensors dtype ("BF16", "F32", ...)} of the checkpoint, from the shard headers."""
+    return {name: meta["dtype"] for name, (_, _, meta) in Checkpoint(folder).index.items()}
 
 
 def fold_transposes(proto, params):
@@ -189,10 +197,9 @@ def write_initializers(folder, protos, params_list, data_path):
     source = _Source(Checkpoint(folder))
     order = sorted(specs, key=lambda n: _recipe_key(specs[n][0]))
     locations = {}
-    with open(data_path, "wb") as fh:
-        for name in order:
+    with open(data_path, "wb") as fh, _prefetch(source, [specs[n] for n in order]) as produced:
+        for name, parts in bar(zip(order, produced), total=len(order), desc="export weights", unit="tensor"):
             recipe, transposed, elem, shape = specs[name]
-            parts = source.parts(recipe, elem)
             expect = shape[::-1] if transposed else shape
             if _source_shape(parts) != expect or any(list(p.shape[1:]) != expect[1:] for p in parts):
                 raise ModelFormatError(f"tensor {recipe}: shape {[list(p.shape) for p in parts]} in the "
@@ -209,6 +216,32 @@ def write_initializers(folder, protos, params_list, data_path):
     for proto in protos:
         _attach(proto, locations, data_path.name)
     return size
+
+
+@contextlib.contextmanager
+def _prefetch(source, specs):
+    """Yield an iterator of each spec's parts; one thread reads (and quantizes) the next while this one writes.
+
+    File reads and torch conversions release the GIL, so reading tensor i+1 overlaps converting and writing
+    tensor i (2 cores). At most one tensor is read ahead: peak memory grows by one source tensor at most.
+    The single reader keeps the order, which the scale cache of `_Source` relies on.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export-read")
+
+    def produce():
+        ahead = pool.submit(source.parts, specs[0][0], specs[0][2]) if specs else None
+        for i in range(len(specs)):
+            parts = ahead.result()
+            ahead = pool.submit(source.parts, specs[i + 1][0], specs[i + 1][2]) if i + 1 < len(specs) else None
+            yield parts
+            del parts
+
+    try:
+        yield produce()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _attach(proto, locations, location):

@@ -12,10 +12,10 @@ found, otherwise it writes and checks the config as a dry run and says so.
 import logging
 from pathlib import Path
 
-from ..errors import ValidationError
-from .runner import Runner, folder_fingerprint, write_build_manifest
+from ..errors import DeployError, ValidationError
+from .runner import Runner, build_session, folder_fingerprint, write_build_manifest
 from .settings import BuildSettings
-from . import stages
+from . import stages, verdict
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +24,21 @@ def default_output(settings):
     return f"build-{Path(str(settings.model)).name}-{settings.dtype}"
 
 
-def run_build(settings, force=False, echo=None, allow_unvalidated=False):
+class BuildRejected(ValidationError):
+    """Every stage ran but the verdict (pipeline/verdict.py) does not accept the build; `.manifest` holds it."""
+
+    def __init__(self, message, manifest):
+        super().__init__(message)
+        self.manifest = manifest
+
+
+def run_build(settings, force=False, echo=None, allow_unvalidated=False, require_compile=False):
     """Run every stage of `settings` (a checked BuildSettings). Returns the build manifest (a dict).
 
-    Raises ValidationError after writing the manifest when a validation did not pass. A validation skipped
-    for lack of memory is not a pass either, unless `allow_unvalidated` accepts it (it stays in the manifest).
+    The manifest's `verdict` names each stage's measured outcome. Raises BuildRejected after writing the
+    manifest when the verdict does not accept the build: a failed check; a skipped check unless
+    `allow_unvalidated`; a dry-run compile only with `require_compile`. A stage that raises gets `.stage`
+    and `.verdict` (the verdict line of the stages so far) set on its error.
     """
     from ..fsutil import write_text
     from ..patch import resolve_model
@@ -40,27 +50,31 @@ def run_build(settings, force=False, echo=None, allow_unvalidated=False):
         settings.model = str(Path(settings.model).expanduser().resolve())
     if settings.calib.source and Path(settings.calib.source).exists():
         settings.calib.source = str(Path(settings.calib.source).resolve())
-    build_dir.mkdir(parents=True, exist_ok=True)
-    write_text(build_dir / "build.yaml", settings.to_yaml())
-    model = resolve_model(settings.model, settings.revision)
+    if settings.eval.dataset and Path(settings.eval.dataset).exists():
+        settings.eval.dataset = str(Path(settings.eval.dataset).resolve())
+    model = resolve_model(settings.model, settings.revision)  # before anything is made: a bad model leaves nothing
     identity = {"source": settings.model, "revision": settings.revision, "folder": str(model.resolve()),
                 "fingerprint": folder_fingerprint(model)}
-    runner = Runner(build_dir, force=force, echo=echo)
-    for name, upstream, options, fn in stages.plan(settings, model, build_dir):
-        runner.run(name, options, upstream, fn, inputs_identity=identity["fingerprint"])
-    validation = stages.summarize_validation(runner.results)
-    failed = [name for name, v in validation.items() if not (v.get("passed") or v.get("skipped"))]
-    skipped = [name for name, v in validation.items() if v.get("skipped")]
-    passed = not failed and (allow_unvalidated or not skipped)
-    manifest = write_build_manifest(build_dir, settings, identity, runner, validation, passed)
-    if failed:
-        raise ValidationError(f"{build_dir / 'manifest.json'}: validation failed in {', '.join(failed)} "
-                              "(see the table above and the stage's validation.json)")
-    if skipped and not allow_unvalidated:
-        raise ValidationError(f"{build_dir / 'manifest.json'}: validation of {', '.join(skipped)} was skipped "
-                              f"({validation[skipped[0]]['skipped']}); rerun on a machine with more memory, or "
-                              "pass --allow-unvalidated to accept the artifacts without it")
+    # locked for this build; owns only what it wrote; manifest.json removed until the end
+    with build_session(build_dir, inputs=[settings.model, settings.calib.source]) as folder:
+        write_text(build_dir / "build.yaml", settings.to_yaml())
+        runner = Runner(build_dir, force=force, echo=echo, folder=folder)
+        planned = stages.plan(settings, model, build_dir)
+        try:
+            for name, upstream, options, fn in planned:
+                runner.run(name, options, upstream, fn, inputs_identity=identity["fingerprint"])
+        except DeployError as exc:  # name the stage and what the others did, for the CLI's last line
+            exc.stage = runner.running
+            exc.verdict = verdict.failure_line(verdict.stage_outcomes(runner.results), runner.running,
+                                               " ".join(line.strip() for line in str(exc).splitlines()[:2]),
+                                               [p[0] for p in planned])
+            raise
+        validation = verdict.validation_figures(runner.results)
+        decision = verdict.decide(verdict.stage_outcomes(runner.results), allow_unvalidated, require_compile)
+        manifest = write_build_manifest(build_dir, settings, identity, runner, validation, decision)
+    if not decision["accepted"]:
+        raise BuildRejected(f"{build_dir / 'manifest.json'}: {decision['line']}", manifest)
     return manifest
 
 
-__all__ = ["BuildSettings", "run_build", "default_output"]
+__all__ = ["BuildRejected", "BuildSettings", "run_build", "default_output"]

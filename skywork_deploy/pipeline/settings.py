@@ -4,6 +4,7 @@
 the build folder records in `build.yaml`, so a build can be repeated from its own record.
 """
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import yaml
 
@@ -21,11 +22,14 @@ class CalibSettings:
     seqlen: int = None  # None: the dataset's vendor default
     seed: int = 0
     split: str = None
+    allow_packing: bool = False  # c4: pack shorter documents when too few have seqlen tokens
 
 
 @dataclass
 class QuantizeSettings:
     include_lm_head: bool = False
+    min_top1: float = None  # accuracy gate of the quantize check; None: quantize_report.MIN_TOP1
+    max_kl: float = None  # None: quantize_report.MAX_KL (nats)
 
 
 @dataclass
@@ -38,13 +42,33 @@ class ExportSettings:
 
 @dataclass
 class CompileStageSettings:
+    """None: the compile command's default (skywork_deploy.compile_config.CompileSettings)."""
+
     tp: int = 4
-    seq_lens: list = field(default_factory=lambda: [1024, 2048])
+    max_input_len: int = None  # longest prompt
+    max_seq_len: int = None  # longest prompt + answer
+    sizes: list = None  # several [max_input_len, max_seq_len] pairs (or "IN:TOTAL"): one compile each
     b2s: bool = True
+    align_qkv: bool = None
+    calib_true_sequential: bool = None
     workers: int = 4
     name: str = None
     vamc: str = None
     timeout: float = None
+
+    def problems(self):
+        from ..compile_config import parse_size
+        from ..errors import ConfigError
+
+        p = []
+        if self.sizes is not None and (self.max_input_len is not None or self.max_seq_len is not None):
+            p.append("compile.sizes: give either sizes or max_input_len/max_seq_len, not both")
+        for item in self.sizes or []:
+            try:
+                parse_size(item, where="compile.sizes")
+            except ConfigError as exc:
+                p.append(str(exc))
+        return p
 
 
 @dataclass
@@ -53,8 +77,23 @@ class RunSettings:
     max_new_tokens: int = 16
 
 
+@dataclass
+class EvalSettings:
+    """A short Math-Verify eval of the deployed bundle against the fp32 reference; off while dataset is None."""
+
+    dataset: str = None  # JSON/JSONL/Parquet/CSV problems (skywork_deploy.evaluate.datasets)
+    limit: int = 16
+    samples: int = 1
+    max_tokens: int = 512
+    temperature: float = 0.6  # Skywork-OR1's sampling
+    top_p: float = 0.95
+    seed: int = 0
+    problem_key: str = None
+    answer_key: str = None
+
+
 SECTIONS = {"calib": CalibSettings, "quantize": QuantizeSettings, "export": ExportSettings,
-            "compile": CompileStageSettings, "run": RunSettings}
+            "compile": CompileStageSettings, "run": RunSettings, "eval": EvalSettings}
 
 
 @dataclass
@@ -68,6 +107,7 @@ class BuildSettings:
     export: ExportSettings = field(default_factory=ExportSettings)
     compile: CompileStageSettings = field(default_factory=CompileStageSettings)
     run: RunSettings = field(default_factory=RunSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
 
     def to_dict(self):
         return asdict(self)
@@ -99,6 +139,26 @@ class BuildSettings:
             raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
         return cls.from_dict(data or {}, where)
 
+    def resolve_paths(self, base):
+        """Relative local paths of a build.yaml (model, output, calib.source) against its folder `base`.
+
+        A `model:` or `calib.source:` that exists nowhere relative to `base` and looks like a hub id
+        (org/name) stays as it is."""
+        base = Path(base)
+
+        def local(value, hub_ok):
+            if value is None or Path(str(value)).expanduser().is_absolute():
+                return value
+            candidate = base / str(value)
+            looks_hub = "/" in str(value) and not str(value).startswith((".", "~"))
+            return value if hub_ok and looks_hub and not candidate.exists() else str(candidate)
+
+        self.model = local(self.model, True)
+        self.output = local(self.output, False)
+        self.calib.source = local(self.calib.source, True)
+        self.eval.dataset = local(self.eval.dataset, True)
+        return self
+
     def override(self, dotted, value):
         """Set `section.key` (or a top-level key) from a command-line option; None leaves it unchanged."""
         if value is None:
@@ -124,6 +184,16 @@ class BuildSettings:
             problems.append("export.int8_format: must be standard or vacc")
         if self.export.ort_ops not in ("contrib", "onnx"):
             problems.append("export.ort_ops: must be contrib or onnx")
+        for key, low, high in (("min_top1", 0, 1), ("max_kl", 0, float("inf"))):
+            value = getattr(self.quantize, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not low <= value <= high):
+                problems.append(f"quantize.{key}: expected a number in [{low}, {high}], got {value!r}")
+        for key, low in (("nsamples", 1), ("seqlen", 1), ("seed", 0)):  # before any stage runs
+            value = getattr(self.calib, key)
+            if value is not None and _has_type(value, int) and value < low:
+                problems.append(f"calib.{key}: {value} must be at least {low}")
+        problems += self.compile.problems()
         if problems:
             raise ConfigError("invalid build settings:\n  " + "\n  ".join(problems))
         return self
@@ -141,6 +211,10 @@ def _section(kind, value, where):
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping")
     names = {f.name: f for f in fields(kind)}
+    if kind is CompileStageSettings and "seq_lens" in value:
+        from ..compile_config import SEQ_LENS_REPLACED
+
+        raise ConfigError(f"{where}.{SEQ_LENS_REPLACED} (in build.yaml: max_input_len, max_seq_len or sizes)")
     unknown = sorted(set(value) - set(names))
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})")
@@ -151,5 +225,18 @@ def _section(kind, value, where):
             raise ConfigError(f"{where}.{key}: expected true or false, got {item!r}")
         if item is not None and isinstance(default, list) and not isinstance(item, list):
             raise ConfigError(f"{where}.{key}: expected a list, e.g. [1024, 2048]")
+        want = names[key].type
+        if item is not None and want in (int, float, str) and not _has_type(item, want):
+            raise ConfigError(f"{where}.{key}: expected {'a number' if want is float else want.__name__}, "
+                              f"got {item!r}")
         setattr(out, key, item)
     return out
+
+
+def _has_type(value, want):
+    """YAML value `value` fits a field typed `want` (int: not bool; float: any real number; str: a string)."""
+    if want is str:
+        return isinstance(value, str)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if want is int else isinstance(value, (int, float))

@@ -29,11 +29,19 @@ def plan(settings, model, build_dir):
                   lambda out: _export(e, settings.dtype, export_src, out)))
     r = settings.run
     steps.append(("validate", ["export"], vars(r).copy(), lambda out: _validate(r, build_dir / "export", out)))
+    if getattr(settings, "eval", None) is not None and settings.eval.dataset:
+        from ..evaluate.build_eval import eval_options
+
+        ev = settings.eval
+        steps.append(("eval", ["export", "patch"], eval_options(ev),
+                      lambda out: _eval(ev, build_dir / "export", patched, out)))
     cs = settings.compile
-    compile_opts = {**vars(cs), "dtype": settings.dtype, "calib": bool(settings.calib.dataset)}
+    model_name = Path(str(settings.model)).name  # the build is named after the model, not its patch/ folder
+    compile_opts = {**vars(cs), "dtype": settings.dtype, "calib": bool(settings.calib.dataset),
+                    "model_name": model_name}
     calib_dir = build_dir / "calib" if settings.calib.dataset else None
     steps.append(("compile", ["patch"] + (["calib"] if calib_dir else []), compile_opts,
-                  lambda out: _compile(cs, settings.dtype, patched, calib_dir, out)))
+                  lambda out: _compile(cs, settings.dtype, patched, calib_dir, out, model_name)))
     return steps
 
 
@@ -47,15 +55,22 @@ def _patch(model, out):
 def _calib(c, model, out):
     from ..calib import build_calib
 
-    result = build_calib(c.dataset, [c.source], model, out, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed,
-                         split=c.split)
+    from ..progress import bar
+
+    reading = bar(desc="calib: reading", unit="B", unit_scale=True)
+    try:
+        result = build_calib(c.dataset, [c.source], model, out, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed,
+                             split=c.split, allow_packing=c.allow_packing, progress=reading.update)
+    finally:
+        reading.close()
     return {k: result[k] for k in ("nsamples", "seqlen", "statistics", "dataset_block") if k in result}
 
 
 def _quantize(q, model, out):
     from ..quantize import quantize_model
 
-    result = quantize_model(model, out, include_lm_head=q.include_lm_head)
+    result = quantize_model(model, out, include_lm_head=q.include_lm_head, min_top1=q.min_top1, max_kl=q.max_kl,
+                            progress=True)
     report = result["report"]
     return {"total": report.get("total"), "end_to_end": report.get("end_to_end")}
 
@@ -80,9 +95,15 @@ def _validate(r, export_dir, out):
     bundle = open_bundle(export_dir)
     tokenizer = load_tokenizer(bundle)
     runs, notes = {}, []
-    skipped = export_validation.get("skipped")  # ORT would not fit in memory: no ORT smoke run either
-    runnable = bundle.manifest.get("runnable_on_onnxruntime", True) and not skipped
-    backends = ["onnxruntime"] if runnable else []
+    skipped = export_validation.get("skipped")
+    backends, ort_options = [], {}
+    if bundle.manifest.get("runnable_on_onnxruntime", True):
+        ort_options, why = _smoke_session(bundle)  # the same memory policy as the export's validation
+        if why:
+            notes.append(why)
+            log.warning("smoke run: %s", why)
+        else:
+            backends.append("onnxruntime")
     torch_note = _torch_smoke_skip(bundle)
     if torch_note:
         notes.append(torch_note)
@@ -90,9 +111,12 @@ def _validate(r, export_dir, out):
     else:
         backends.append("torch")
     for backend in backends:
-        gen = generate_text(make_backend(backend, bundle), tokenizer, [r.prompt], max_new_tokens=r.max_new_tokens)
+        engine = make_backend(backend, bundle, **(ort_options if backend == "onnxruntime" else {}))
+        gen = generate_text(engine, tokenizer, [r.prompt], max_new_tokens=r.max_new_tokens)
+        del engine  # its sessions go before the next backend loads its model
         runs[backend] = {"tokens": gen["outputs"][0]["tokens"], "text": gen["outputs"][0]["text"],
-                         "decode_tokens_per_s": gen["timing"]["decode_tokens_per_s"]}
+                         "decode_tokens_per_s": gen["timing"]["decode_tokens_per_s"],
+                         **({"options": ort_options} if backend == "onnxruntime" else {})}
     smoke = {"prompt": r.prompt, "runs": runs, **({"notes": notes} if notes else {})}
     if len(runs) == 2:
         a, b = runs["onnxruntime"]["tokens"], runs["torch"]["tokens"]
@@ -106,6 +130,40 @@ def _validate(r, export_dir, out):
         log.warning("export validation was skipped: %s", skipped)
     write_json(out / "validation.json", result)
     return result
+
+
+def _eval(ev, export_dir, patched, out):
+    """A short Math-Verify eval of the deployed bundle (ONNX Runtime) against the fp32 torch reference
+    (skywork_deploy/evaluate/build_eval.py); each side runs only when its session fits in memory."""
+    from ..evaluate.build_eval import build_eval
+    from ..runtime.bundle import open_bundle
+
+    ort_options, why = _smoke_session(open_bundle(export_dir))
+    if why:
+        log.warning("eval: %s", why)
+        return {"skipped": why, "dataset": str(ev.dataset)}
+    return build_eval(ev, export_dir, patched, out, ort_options, _torch_smoke_skip(open_bundle(export_dir)))
+
+
+def _smoke_session(bundle):
+    """(backend options, None) for the ORT smoke run, or ({}, why it is skipped) when no session fits.
+
+    One session at a time (a single prompt prefills once, then decodes). int8: the exact W8A16 arithmetic,
+    folded to fp32 weights ("exact", 4x the int8 bytes) only when that fits, else the runtime's packed int8
+    fast path ("fast", 1x). Not "exact-nbits": exact too, and the export validation gates it, but about 60 s a
+    decode step for the 7B shape on 2 cores (bench_full_build.py), while "fast" is the path users run.
+    """
+    from ..memory import check_session_fits, mode_for
+
+    paths = [bundle.graph_path(g) for g in ("prefill", "decode")]
+    is_int8 = bundle.dtype == "int8"
+    choices = ["exact", "fast"] if is_int8 else [None]
+    fit = None
+    for accuracy in choices:
+        fit = check_session_fits(paths, mode_for(is_int8, int8_accuracy=accuracy), "the ONNX Runtime smoke run")
+        if fit.fits:
+            return {"one_session": True, **({"int8_accuracy": accuracy} if accuracy else {})}, None
+    return {}, f"ONNX Runtime smoke run skipped: {fit.message}"
 
 
 def _torch_smoke_skip(bundle):
@@ -122,49 +180,39 @@ def _validation_summary(v):
     return {k: v[k] for k in keep if k in v} or v
 
 
-def _compile(cs, dtype, patched, calib_dir, out):
-    from ..compile_config import CompileSettings
+def _compile(cs, dtype, patched, calib_dir, out, model_name):
+    """One vamc config per size in compile/<name>.yaml, compiled into compile/vacc_deploy/<name>/ when vamc
+    is found, else checked and written (a dry run, `compiled: false`)."""
+    from ..compile_config import CompileSettings, expand_sizes
     from ..errors import ExternalToolError
-    from ..vamc import compile_model, find_vamc
+    from ..vamc import compile_models, find_vamc
 
     out.mkdir(parents=True)
-    settings = CompileSettings(dtype=dtype, tp=cs.tp, seq_lens=list(cs.seq_lens), b2s=cs.b2s,
-                               workspace="vacc_deploy", workers=cs.workers, name=cs.name,
-                               calib=str(calib_dir) if calib_dir else None)
+    given = {"tp": cs.tp, "max_input_len": cs.max_input_len, "max_seq_len": cs.max_seq_len, "b2s": cs.b2s,
+             "align_qkv": cs.align_qkv, "calib_true_sequential": cs.calib_true_sequential, "workers": cs.workers,
+             "name": cs.name}
+    base = CompileSettings(dtype=dtype, workspace="vacc_deploy", model_name=model_name,
+                           calib=str(calib_dir) if calib_dir else None,
+                           **{k: v for k, v in given.items() if v is not None})
     try:
         find_vamc(cs.vamc)
         dry_run, note = False, None
     except ExternalToolError:
         dry_run, note = True, "vamc not found: the config was checked and written (dry run), not compiled"
-    result = compile_model(patched, settings, vamc=cs.vamc, timeout=cs.timeout, dry_run=dry_run,
-                           config_out=out / "vamc_config.yaml", cwd=out)
-    summary = {"dry_run": dry_run, "note": note, "name": result["name"], "config": "compile/vamc_config.yaml",
-               "command": result.get("command"), "env": result.get("env")}
-    if not dry_run:
-        summary.update(output_dir=result.get("output_dir"), seconds=result.get("seconds"))
-    return summary
+    results = compile_models(patched, expand_sizes(base, cs.sizes), vamc=cs.vamc, timeout=cs.timeout,
+                             dry_run=dry_run, config_dir=out, cwd=out)
+    keep = ("name", "command", "env", "compiled", "checks", "warnings", "output_dir", "seconds", "suites",
+            "tokenizer")
+    entries = [{"config": f"compile/{Path(r['config_path']).name}", **{k: r[k] for k in keep if k in r}}
+               for r in results]
+    return {"dry_run": dry_run, "note": note, "compiled": all(r["compiled"] for r in results),
+            "checks": list(dict.fromkeys(c["name"] for r in results for c in r["checks"])),
+            "builds": entries, "warnings": [w for r in results for w in r["warnings"]]}
 
 
 def summarize_validation(results):
-    """{stage: {"passed": bool, ...figures}} for the stages that validate something.
+    """{stage: figures} of the stages that check something (pipeline/verdict.py: `passed` only where a
+    check ran; a skipped one has `skipped` and `warning`; compile has `compiled`, never `passed`)."""
+    from .verdict import validation_figures
 
-    A validation skipped for lack of memory has `passed: None`, `skipped` and `warning`: the build does not
-    fail on it, but prints and records it as not validated.
-    """
-    out = {}
-    if "quantize" in results:
-        e2e = (results["quantize"].get("result") or {}).get("end_to_end") or {}
-        out["quantize"] = {"passed": True, **{k: v for k, v in e2e.items() if not isinstance(v, (list, dict))}}
-    if "validate" in results:
-        res = results["validate"].get("result") or {}
-        out["export"] = {**(res.get("export") or {}), "passed": bool(res.get("passed"))}
-        if res.get("skipped"):  # not a pass: a warning the build prints and records
-            out["export"].update(passed=None, skipped=res["skipped"],
-                                 warning=f"ONNX Runtime validation skipped: {res['skipped']}")
-        smoke = res.get("smoke") or {}
-        if "token_agreement" in smoke:
-            out["export"]["smoke_token_agreement"] = smoke["token_agreement"]
-    if "compile" in results:
-        res = results["compile"].get("result") or {}
-        out["compile"] = {"passed": True, "dry_run": res.get("dry_run"), "note": res.get("note")}
-    return out
+    return validation_figures(results)

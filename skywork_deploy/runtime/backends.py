@@ -7,15 +7,17 @@ A backend computes two steps on NumPy int64 inputs:
 `kv` is opaque to the caller (torch tensors, ONNX Runtime OrtValues or buffers it appends to in place): pass
 back the one the last step returned, never an older one.
 
-Backends: `onnxruntime` (an export bundle, CPU), `torch` (our model from the source folder: the reference)
-and `vacc` (the vendor's `vaststreamx`, loaded lazily; untested without hardware). `BACKENDS` maps each name
-to a factory `f(bundle, **options) -> Backend`.
+Backends: `onnxruntime` (an export bundle, CPU) and `torch` (our model from the source folder: the reference).
+`BACKENDS` maps each name to a factory `f(bundle, **options) -> Backend`. There is no step-by-step VACC
+backend: the vendor publishes no API for running a compiled LLM's prefill/decode with a KV cache through
+`vaststreamx` (VENDOR.md §4); a compiled folder runs behind `vastgenx serve`, which `skywork-deploy serve`
+starts, and `run`/`bench --endpoint` talk to it.
 """
 import logging
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, ConfigError, InputError
+from ..errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -102,41 +104,6 @@ class TorchBackend(Backend):
         return {**super().describe(), "source_model": str(self.source), "threads": self.threads}
 
 
-class VaccBackend(Backend):
-    """VastAI accelerators through `vaststreamx` (REFERENCE.md §3: `vsx.set_device(id)`,
-    `vsx.Model(path_prefix, batch_size)`).
-
-    Thin and UNTESTED without hardware: it loads the compiled model of a `compile` output; the per-step
-    call is left to `_run`, which needs the vendor's stream API and says so when it is not wired.
-    """
-
-    name = "vacc"
-
-    def __init__(self, bundle, device=0, batch_size=1, model_prefix=None, **_):
-        super().__init__(bundle)
-        try:
-            import vaststreamx as vsx
-        except ImportError:
-            raise BackendUnavailableError(
-                "the vacc backend needs the vendor's `vaststreamx` package (shipped with the VastAI driver, "
-                "not on PyPI); use --backend onnxruntime on machines without a VACC card") from None
-        prefix = model_prefix or str(bundle.folder / "vacc_deploy" / bundle.folder.name)
-        vsx.set_device(int(device))
-        self.vsx = vsx
-        self.model = vsx.Model(prefix, int(batch_size))
-
-    def _run(self, *arrays):
-        raise BackendUnavailableError("running steps through vaststreamx is not wired in this version "
-                                      "(untested without hardware); serve the compiled model with "
-                                      "`vastgenx serve --model DIR` instead")
-
-    def prefill(self, input_ids, attention_mask, position_ids):
-        return self._run(input_ids, attention_mask, position_ids)
-
-    def decode(self, token_ids, attention_mask, position_ids, kv):
-        return self._run(token_ids, attention_mask, position_ids, kv)
-
-
 def _onnxruntime_backend(bundle, **options):
     from .ort_backend import OrtBackend
 
@@ -146,7 +113,6 @@ def _onnxruntime_backend(bundle, **options):
 BACKENDS = {
     "onnxruntime": _onnxruntime_backend,
     "torch": TorchBackend,
-    "vacc": VaccBackend,
 }
 
 

@@ -30,17 +30,25 @@ def _summary(prefill_ms, decode_tps):
 
 def bench_backend(backend, prompt_lens=(128,), new_tokens=64, repeats=3, seed=0, warmup=True):
     """{prompt_len: {prefill_ms, decode_tokens_per_s, ...}} for batch 1, greedy, EOS ignored."""
+    from ..progress import bar
+
     results = {}
+    runs = bar(total=len(prompt_lens) * (repeats + bool(warmup)), desc=f"bench {getattr(backend, 'name', '')}",
+               unit="run")
     for length in prompt_lens:
         prompt = random_prompt(length, backend.vocab_size, seed)
         if warmup:
             generate_ids(backend, [prompt], min(4, new_tokens), Sampler(), eos_ids=())
+            runs.update(1)
         prefill, decode = [], []
         for _ in range(repeats):
             gen = generate_ids(backend, [prompt], new_tokens + 1, Sampler(), eos_ids=())
             prefill.append(gen.timing["prefill_s"] * 1000)
             decode.append(gen.timing["decode_tokens_per_s"])
+            runs.set_postfix_str(f"prompt {length}, {decode[-1] or 0:.1f} tok/s", refresh=False)
+            runs.update(1)
         results[length] = _summary(prefill, decode)
+    runs.close()
     return results
 
 
@@ -82,17 +90,24 @@ def reference_greedy(model, prompt, new_tokens):
 
 
 def bench_reference(model, prompt_lens=(128,), new_tokens=64, repeats=3, seed=0, vocab_size=None):
+    from ..progress import bar
+
     vocab_size = vocab_size or model.config.vocab_size
     results = {}
+    runs = bar(total=len(prompt_lens) * (repeats + 1), desc="bench transformers", unit="run")
     for length in prompt_lens:
         prompt = random_prompt(length, vocab_size, seed)
         reference_greedy(model, prompt, min(4, new_tokens))  # warm-up
+        runs.update(1)
         prefill, decode = [], []
         for _ in range(repeats):
             p, d, _, _ = reference_greedy(model, prompt, new_tokens + 1)
             prefill.append(p * 1000)
             decode.append(new_tokens / d)
+            runs.set_postfix_str(f"prompt {length}, {decode[-1]:.1f} tok/s", refresh=False)
+            runs.update(1)
         results[length] = _summary(prefill, decode)
+    runs.close()
     return results
 
 

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ModelFormatError
+from ..errors import ModelFormatError, UsageError
 from ..manifest import MANIFEST_NAME, read_manifest
 from ..spec import ModelSpec, read_config, read_json
 
@@ -98,7 +98,7 @@ def _find_export(folder):
 def open_bundle(path):
     folder = Path(path)
     if not folder.is_dir():
-        raise ModelFormatError(f"{folder}: not a folder (pass an export bundle, a build folder or a model folder)")
+        raise UsageError(f"{folder}: not a folder (pass an export bundle, a build folder or a model folder)")
     manifest = read_manifest(folder)
     if manifest is not None and manifest.get("stage") != "export":
         sub, sub_manifest = _find_export(folder)
@@ -112,7 +112,7 @@ def open_bundle(path):
     elif manifest is None and not (folder / "config.json").is_file():
         sub, manifest = _find_export(folder)
         if sub is None:
-            raise ModelFormatError(f"{folder}: no config.json and no export bundle inside "
+            raise UsageError(f"{folder}: no config.json and no export bundle inside "
                                    "(pass the output folder of `skywork-deploy export`)")
         folder = sub
     config = read_config(folder)

@@ -3,7 +3,7 @@
 Prompts are rendered with the bundle's chat template (Skywork-OR1 uses DeepSeek-R1's, which ends the
 generation prompt with `<think>\\n`) unless `chat_template=False`. A batch is left-padded; position ids are
 `cumsum(mask) - 1` clamped at 0, as the model and transformers' `generate` compute them. Greedy at
-temperature 0, else seeded sampling with temperature and top-p (NumPy Generator). Rows stop at any EOS id
+temperature 0, else seeded sampling with temperature, top-k and top-p (NumPy Generator). Rows stop at any EOS id
 or at the token limit. Row 0's text is streamed through `on_text` as it becomes valid UTF-8.
 """
 import time
@@ -17,12 +17,15 @@ from ..errors import ConfigError, InputError
 class Sampler:
     """Pick the next token of each row from (B, V) float32 logits."""
 
-    def __init__(self, temperature=0.0, top_p=1.0, seed=0):
+    def __init__(self, temperature=0.0, top_p=1.0, seed=0, top_k=None):
         if temperature < 0:
             raise ConfigError(f"--temperature {temperature}: must be >= 0 (0 means greedy)")
         if not 0 < top_p <= 1:
             raise ConfigError(f"--top-p {top_p}: must be in (0, 1]")
+        if top_k is not None and top_k < 0:
+            raise ConfigError(f"--top-k {top_k}: must be >= 0 (0 or none keeps every token)")
         self.temperature, self.top_p = float(temperature), float(top_p)
+        self.top_k = int(top_k) if top_k else None
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, logits):
@@ -32,6 +35,8 @@ class Sampler:
 
     def _sample_row(self, logits):
         z = logits.astype(np.float64) / self.temperature
+        if self.top_k and self.top_k < z.size:  # keep the k largest logits (ties at the k-th all kept)
+            z = np.where(z >= np.partition(z, -self.top_k)[-self.top_k], z, -np.inf)
         probs = np.exp(z - z.max())
         probs /= probs.sum()
         if self.top_p < 1.0:
@@ -91,6 +96,20 @@ class StreamDecoder:
         return full[len(done):]
 
 
+def _apply_chat_template(tokenizer, text):
+    """The chat template applied to one user message; a template Jinja refuses (its sandbox, a syntax or
+    render error) is the user's to fix, so it is one line naming the tokenizer folder."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=True)
+    except jinja2.TemplateError as exc:
+        where = getattr(tokenizer, "name_or_path", None) or "the bundle"
+        raise InputError(f"{where}: the chat template failed ({type(exc).__name__}: {exc}); fix chat_template in "
+                         "tokenizer_config.json (or chat_template.jinja), or pass --no-chat-template") from None
+
+
 def render_prompts(tokenizer, prompts, chat_template=True):
     """Each prompt -> token ids, through the chat template (with the generation prompt) or raw."""
     rows = []
@@ -98,8 +117,7 @@ def render_prompts(tokenizer, prompts, chat_template=True):
         if chat_template:
             if not getattr(tokenizer, "chat_template", None):
                 raise InputError("the bundle's tokenizer has no chat template (pass --no-chat-template)")
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                tokenize=True)
+            ids = _apply_chat_template(tokenizer, text)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 may return an encoding
                 ids = ids["input_ids"]
         else:
