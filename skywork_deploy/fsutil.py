@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import InputError
+from .errors import ExternalToolError, InputError
 
 log = logging.getLogger(__name__)
 MARKER = ".skywork_deploy_partial.json"    # inside every temporary folder we create
@@ -24,6 +24,23 @@ LOCK_NAME = ".skywork_deploy.lock"         # inside a folder a long command owns
 STAGING = "making-"                        # a temporary folder's name until its marker is written
 # Manifests that say "skywork-deploy wrote this folder" (patch's only for a copy, never for an in-place patch).
 OUR_MANIFESTS = ("skywork_deploy_manifest.json", "manifest.json", "skywork_deploy_patch.json")
+
+
+def find_tool(name, option, env_var, explicit=None, environ=None, missing_hint=""):
+    """An external program's absolute path: `explicit` (the option), else $env_var, else `name` on PATH."""
+    environ = os.environ if environ is None else environ
+    for source, value in ((option, explicit), (env_var, environ.get(env_var))):
+        if value:
+            found = shutil.which(value, path=environ.get("PATH"))
+            if found is None:
+                raise ExternalToolError(f"{name}: {source} {value} is not an executable file "
+                                        "(fix the path or make it executable)")
+            return str(Path(found).absolute())
+    found = shutil.which(name, path=environ.get("PATH"))
+    if found is None:
+        raise ExternalToolError(f"{name} not found: {option} not given, {env_var} not set, no `{name}` on PATH; "
+                                f"{missing_hint}")
+    return str(Path(found).absolute())
 
 
 def sha256_file(path, chunk=1 << 22):

@@ -57,6 +57,21 @@ def tokenizer_source_dir():
     return folder
 
 
+def write_r1_tokenizer_config(folder, tokenizer_class, special_ids, model_max_length):
+    """tokenizer_config.json with the DeepSeek-R1 special tokens (`special_ids`: token -> id) and chat template."""
+    added = {str(special_ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                   "single_word": False, "special": True} for t in R1_SPECIAL_TOKENS}
+    config = {
+        "tokenizer_class": tokenizer_class, "added_tokens_decoder": added,
+        "additional_special_tokens": [t for t in R1_SPECIAL_TOKENS if t not in (BOS, EOS)],
+        "bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": None,
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length, "chat_template": CHAT_TEMPLATE,
+    }
+    (Path(folder) / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                        encoding="utf-8")
+
+
 def write_r1_tokenizer(dst):
     """Write a Skywork-OR1-style tokenizer into `dst`: vocab.json, merges.txt and tokenizer_config.json.
 
@@ -67,18 +82,8 @@ def write_r1_tokenizer(dst):
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(src / name, dst / name)
-    added = {str(BASE_VOCAB + i): {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
-                                   "single_word": False, "special": True}
-             for i, tok in enumerate(R1_SPECIAL_TOKENS)}
-    config = {
-        "tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": added,
-        "additional_special_tokens": [t for t in R1_SPECIAL_TOKENS if t not in (BOS, EOS)],
-        "bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": None,
-        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "model_max_length": 131072, "chat_template": CHAT_TEMPLATE,
-    }
-    (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-                                               encoding="utf-8")
+    ids = {tok: BASE_VOCAB + i for i, tok in enumerate(R1_SPECIAL_TOKENS)}
+    write_r1_tokenizer_config(dst, "Qwen2Tokenizer", ids, model_max_length=131072)
     return dst
 
 

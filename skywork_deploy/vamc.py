@@ -24,7 +24,7 @@ import yaml
 from .compile_config import PREFLIGHT_CHECKS, plan_compile, raise_problems
 from .compile_output import OUTPUT_CHECKS, find_suites, provide_tokenizer, rank_warnings
 from .errors import ConfigError, ExternalToolError, InputError
-from .fsutil import sha256_file, write_text
+from .fsutil import find_tool, sha256_file, write_text
 from .manifest import write_manifest
 
 log = logging.getLogger(__name__)
@@ -35,20 +35,8 @@ KILL_GRACE_SECONDS = 5.0
 
 def find_vamc(explicit=None, environ=None):
     """The compiler's path: `explicit` (--vamc), else $SKYWORK_DEPLOY_VAMC, else `vamc` on PATH."""
-    environ = os.environ if environ is None else environ
-    for source, value in (("--vamc", explicit), (ENV_VAR, environ.get(ENV_VAR))):
-        if value:
-            found = shutil.which(value, path=environ.get("PATH"))
-            if found is None:
-                raise ExternalToolError(f"vamc: {source} {value} is not an executable file "
-                                        "(fix the path or make it executable)")
-            return str(Path(found).absolute())
-    found = shutil.which("vamc", path=environ.get("PATH"))
-    if found is None:
-        raise ExternalToolError(
-            f"vamc not found: --vamc not given, {ENV_VAR} not set, no `vamc` on PATH; install VastAI's "
-            "compiler toolchain or pass --vamc PATH")
-    return str(Path(found).absolute())
+    return find_tool("vamc", "--vamc", ENV_VAR, explicit, environ,
+                     "install VastAI's compiler toolchain or pass --vamc PATH")
 
 
 def vamc_command(vamc, config_path):

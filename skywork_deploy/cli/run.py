@@ -82,19 +82,11 @@ def run(bundle, prompts, backend, threads, int8_accuracy, endpoint, model_name, 
     tokenizer = load_tokenizer(folder)
     engine = make_backend(backend, folder, threads=threads, int8_accuracy=int8_accuracy)
 
-    def stream(piece):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
     result = generate_text(engine, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, seed=seed, chat_template=not no_chat_template,
-                           on_text=None if as_json else stream)
-    if as_json:
-        emit_json(result)
+                           on_text=None if as_json else _stream)
+    if _print_outputs(result, as_json):
         return
-    sys.stdout.write("\n")
-    for i, out in enumerate(result["outputs"][1:], start=2):
-        click.echo(f"--- prompt {i} ---\n{out['text']}")
     t = result["timing"]
     decode = f"{t['decode_tokens_per_s']:.1f} tok/s" if t["decode_tokens_per_s"] else "n/a"
     click.echo(f"[{engine.name}] time to first token {t['time_to_first_token_s'] * 1000:.0f} ms; prefill "
@@ -102,23 +94,31 @@ def run(bundle, prompts, backend, threads, int8_accuracy, endpoint, model_name, 
                f"steps at {decode}; stop: {', '.join(o['stop_reason'] for o in result['outputs'])}", err=True)
 
 
+def _stream(piece):
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def _print_outputs(result, as_json):
+    """The JSON result, or the answers after the first (streamed already); True when nothing more is printed."""
+    if as_json:
+        emit_json(result)
+        return True
+    sys.stdout.write("\n")
+    for i, out in enumerate(result["outputs"][1:], start=2):
+        click.echo(f"--- prompt {i} ---\n{out['text']}")
+    return False
+
+
 def run_endpoint(endpoint, model_name, api_key, prompts, max_new_tokens, temperature, top_p, seed,
                  no_chat_template, as_json):
     from ..serve.client import EndpointClient, generate_remote
 
-    def stream(piece):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
     with EndpointClient(endpoint, model=model_name, api_key=api_key) as client:
         result = generate_remote(client, prompts, max_new_tokens, temperature, top_p, seed,
-                                 chat=not no_chat_template, on_text=None if as_json else stream)
-    if as_json:
-        emit_json(result)
+                                 chat=not no_chat_template, on_text=None if as_json else _stream)
+    if _print_outputs(result, as_json):
         return
-    sys.stdout.write("\n")
-    for i, out in enumerate(result["outputs"][1:], start=2):
-        click.echo(f"--- prompt {i} ---\n{out['text']}")
     t = result["timing"]
     click.echo(f"[{result['model']} at {result['endpoint']}] time to first token "
                f"{t['time_to_first_token_s'] * 1000:.0f} ms; {t['completion_tokens']} tokens in "

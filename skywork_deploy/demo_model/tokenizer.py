@@ -1,9 +1,8 @@
 """The demo model's own tokenizer: a small byte-level BPE trained with `tokenizers` on the problem corpus,
 digits split one per token, DeepSeek-R1's special tokens and chat template (as Skywork-OR1 uses)."""
-import json
 from pathlib import Path
 
-from ..synth import BOS, CHAT_TEMPLATE, EOS, R1_SPECIAL_TOKENS
+from ..synth import BOS, R1_SPECIAL_TOKENS, write_r1_tokenizer_config
 
 
 def train_tokenizer(texts, vocab_size):
@@ -26,17 +25,8 @@ def save_tokenizer(tok, folder):
     """Write tokenizer.json and tokenizer_config.json (special tokens, R1 chat template) into `folder`."""
     folder = Path(folder)
     tok.save(str(folder / "tokenizer.json"))
-    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                       "single_word": False, "special": True} for t in R1_SPECIAL_TOKENS}
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "added_tokens_decoder": added,
-        "additional_special_tokens": [t for t in R1_SPECIAL_TOKENS if t not in (BOS, EOS)],
-        "bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": None,
-        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "model_max_length": 512, "chat_template": CHAT_TEMPLATE,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-                                                  encoding="utf-8")
+    write_r1_tokenizer_config(folder, "PreTrainedTokenizerFast", {t: tok.token_to_id(t) for t in R1_SPECIAL_TOKENS},
+                              model_max_length=512)
 
 
 def render_prompt(text):

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError, ExternalToolError, InputError, NetworkError
+from ..fsutil import find_tool
 
 log = logging.getLogger(__name__)
 ENV_VAR = "SKYWORK_DEPLOY_VASTGENX"
@@ -31,19 +31,8 @@ TAIL_LINES = 20
 
 def find_vastgenx(explicit=None, environ=None):
     """The server's path: `explicit` (--vastgenx), else $SKYWORK_DEPLOY_VASTGENX, else `vastgenx` on PATH."""
-    environ = os.environ if environ is None else environ
-    for source, value in (("--vastgenx", explicit), (ENV_VAR, environ.get(ENV_VAR))):
-        if value:
-            found = shutil.which(value, path=environ.get("PATH"))
-            if found is None:
-                raise ExternalToolError(f"vastgenx: {source} {value} is not an executable file "
-                                        "(give the path of VastAI's vastgenx)")
-            return found
-    found = shutil.which("vastgenx", path=environ.get("PATH"))
-    if found is None:
-        raise ExternalToolError("vastgenx was not found on PATH (install VastAI's vastgenx wheel, or pass "
-                                f"--vastgenx PATH or set {ENV_VAR})")
-    return found
+    return find_tool("vastgenx", "--vastgenx", ENV_VAR, explicit, environ,
+                     "install VastAI's vastgenx wheel or pass --vastgenx PATH")
 
 
 def _compile_manifest(path):
