@@ -96,18 +96,23 @@ class StreamDecoder:
         return full[len(done):]
 
 
-def _apply_chat_template(tokenizer, text):
-    """The chat template applied to one user message; a template Jinja refuses (its sandbox, a syntax or
-    render error) is the user's to fix, so it is one line naming the tokenizer folder."""
+def chat_template_ids(tokenizer, messages):
+    """Token ids of `messages` ([{"role", "content"}, ...]) through the tokenizer's chat template, ending in the
+    generation prompt. A template Jinja refuses (its sandbox, a syntax or render error) is the user's to fix, so
+    it is one line naming the tokenizer folder."""
     import jinja2
 
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("the bundle's tokenizer has no chat template (pass --no-chat-template)")
     try:
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                             tokenize=True)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     except jinja2.TemplateError as exc:
         where = getattr(tokenizer, "name_or_path", None) or "the bundle"
         raise InputError(f"{where}: the chat template failed ({type(exc).__name__}: {exc}); fix chat_template in "
                          "tokenizer_config.json (or chat_template.jinja), or pass --no-chat-template") from None
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 may return an encoding
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
 
 
 def render_prompts(tokenizer, prompts, chat_template=True):
@@ -115,11 +120,7 @@ def render_prompts(tokenizer, prompts, chat_template=True):
     rows = []
     for text in prompts:
         if chat_template:
-            if not getattr(tokenizer, "chat_template", None):
-                raise InputError("the bundle's tokenizer has no chat template (pass --no-chat-template)")
-            ids = _apply_chat_template(tokenizer, text)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 may return an encoding
-                ids = ids["input_ids"]
+            ids = chat_template_ids(tokenizer, [{"role": "user", "content": text}])
         else:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
 from ..errors import DeployError
+from ..runtime.generate import chat_template_ids
 from .engine import Params, Request as EngineRequest, ServerBusyError
 
 log = logging.getLogger(__name__)
@@ -156,13 +157,10 @@ def create_app(engine, model_name, tokenizer, max_positions, api_key=None, max_r
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "the model's tokenizer has no chat template (use /v1/completions)", "messages")
         try:
-            ids = tokenizer.apply_chat_template(convo, add_generation_prompt=True, tokenize=True)
+            return chat_template_ids(tokenizer, convo)
         except Exception as exc:  # the template raises jinja2 / ValueError for conversations it rejects
             raise ApiError(400, f"the chat template rejects these messages ({str(exc).splitlines()[0][:200]})",
                            "messages") from None
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
 
     def completion_ids(prompt):
         if isinstance(prompt, str):
