@@ -2,6 +2,7 @@
 
     python benchmarks/bench_full_build.py --shape 7b --dtypes int8,fp16
     python benchmarks/bench_full_build.py --shape 32b --layers 1,2,4 --dtypes int8 --tag 32b-sweep
+    python benchmarks/bench_full_build.py --shape 7b --dtypes int8 --include-lm-head --tag 7b-int8-lm-head
 
 Each case writes a bf16 checkpoint shard by shard (random normal * 0.02, seeded: 2^26 values drawn once,
 each tensor that block rotated by a seeded random offset and tiled; four shards and
@@ -119,9 +120,13 @@ def _bytes(path):
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def run_build(ckpt, dtype, out, log):
+def run_build(ckpt, dtype, out, log, include_lm_head=False):
     cmd = [sys.executable, "-m", "skywork_deploy", "build", str(ckpt), "--dtype", dtype, "-o", str(out),
            "--allow-unvalidated", "--json"]
+    if include_lm_head and dtype == "int8":  # a build.yaml key (no command-line flag): lm_head in int8 too
+        config = Path(str(out) + ".yaml")
+        config.write_text("quantize:\n  include_lm_head: true\n")
+        cmd += ["-c", str(config)]
     if dtype == "int8":
         # Random-init weights have nearly flat logits, so W8A16 flips many near-ties: the quantize gate's
         # defaults (top-1 >= 97%, KL <= 0.01, for trained models) would reject it. Measured, recorded, not gated.
@@ -137,7 +142,11 @@ def run_build(ckpt, dtype, out, log):
         stages = {k: {"seconds": v.get("seconds"), "peak_rss_gib": round((v.get("peak_rss_bytes") or 0) / GIB, 2)}
                   for k, v in (m.get("stages") or {}).items()}
     export_manifest = Path(out) / "export" / "skywork_deploy_manifest.json"
-    timing = json.loads(export_manifest.read_text()).get("seconds") if export_manifest.is_file() else None
+    em = json.loads(export_manifest.read_text()) if export_manifest.is_file() else {}
+    timing = em.get("seconds")
+    streamed = em.get("peak_rss_before_validation_bytes")  # the export without its validation sessions
+    if streamed and "export" in stages:
+        stages["export (streaming, before validation)"] = {"seconds": None, "peak_rss_gib": round(streamed / GIB, 2)}
     validation = {}
     for name in ("export/validation.json", "validate/validation.json"):
         if (Path(out) / name).is_file():
@@ -180,7 +189,16 @@ def session_memory(bundle):
     return out
 
 
-def run_case(shape, layers, dtypes, work, keep):
+def session_estimates(bundle, dtype):
+    """What skywork_deploy.memory says one session of each kind needs (GiB), from the graph alone."""
+    from skywork_deploy import memory
+
+    graphs = [Path(bundle) / f"{k}.onnx" for k in ("prefill", "decode")]
+    modes = ("int8-fused", "int8-unfused") if dtype == "int8" else ("float",)
+    return {m: round(memory.check_session_fits(graphs, m, have=0).need / GIB, 2) for m in modes}
+
+
+def run_case(shape, layers, dtypes, work, keep, include_lm_head=False):
     work = Path(work) / f"{shape}-{layers}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -192,7 +210,10 @@ def run_case(shape, layers, dtypes, work, keep):
     print(json.dumps({k: v for k, v in case.items() if k != "builds"}), flush=True)
     for dtype in dtypes:
         out = work / f"build-{dtype}"
-        row = run_build(work / "ckpt", dtype, out, work / f"build-{dtype}.log")
+        row = run_build(work / "ckpt", dtype, out, work / f"build-{dtype}.log", include_lm_head)
+        row["include_lm_head"] = include_lm_head and dtype == "int8"
+        if (out / "export" / "prefill.onnx").is_file():
+            row["session_estimates_gib"] = session_estimates(out / "export", dtype)
         if dtype == "int8" and (out / "export" / "model.onnx.data").is_file():
             row["ort_session"] = session_memory(out / "export")
         case["builds"][dtype] = row
@@ -223,7 +244,27 @@ def sweep_summary(cases, full_layers, dtype):
     xs = [x for x, _ in rows]
     a, b = _fit(xs, [r["wall_s"] for _, r in rows])
     pa, pb = _fit(xs, [r["peak_rss_gib"] for _, r in rows])
-    return {"dtype": dtype, "layers": xs, "wall_s": [r["wall_s"] for _, r in rows],
+    stages = {}  # each stage's own line: the streamed stages stay flat, the ONNX Runtime ones grow
+    for stage in rows[0][1]["stages"]:
+        walls = [r["stages"].get(stage, {}).get("seconds") for _, r in rows]
+        peaks = [r["stages"].get(stage, {}).get("peak_rss_gib") for _, r in rows]
+        if None in peaks:
+            continue
+        qa, qb = _fit(xs, peaks)
+        stages[stage] = {"wall_s_per_layer": None, f"wall_s_at_{full_layers}": None,
+                         "peak_gib_per_layer": round(qb, 3),
+                         f"peak_gib_at_{full_layers}": round(qa + qb * full_layers, 2)}
+        if None not in walls:
+            sa, sb = _fit(xs, walls)
+            stages[stage].update({"wall_s_per_layer": round(sb, 2),
+                                  f"wall_s_at_{full_layers}": round(sa + sb * full_layers)})
+    need = {}
+    for m in rows[0][1].get("session_estimates_gib", {}):
+        na, nb = _fit(xs, [r["session_estimates_gib"][m] for _, r in rows])
+        need[m] = round(na + nb * full_layers, 1)
+    return {"dtype": dtype, "layers": xs, "stages": stages,
+            f"session_estimate_gib_at_{full_layers}": need,
+            "wall_s": [r["wall_s"] for _, r in rows],
             "peak_rss_gib": [r["peak_rss_gib"] for _, r in rows],
             "wall_fit": {"a": round(a, 1), "b_per_layer": round(b, 2)},
             "peak_fit": {"a": round(pa, 2), "b_per_layer": round(pb, 3)},
@@ -238,8 +279,8 @@ def markdown(result):
              "|---|---|---|---|---|---|---|---|"]
     for case in result["cases"]:
         for dtype, b in case["builds"].items():
-            stages = ", ".join(f"{k} {v['seconds']:.0f}/{v['peak_rss_gib']:.1f}" for k, v in b["stages"].items()
-                               if v.get("seconds") is not None)
+            stages = ", ".join(f"{k} {v['seconds']:.0f}/{v['peak_rss_gib']:.1f}" if v.get("seconds") is not None
+                               else f"{k} {v['peak_rss_gib']:.1f}" for k, v in b["stages"].items())
             ort = b.get("ort_session") or {}
             session = f"{ort['peak_rss_gib']} ({ort['ratio_to_bundle']}x)" if "ratio_to_bundle" in ort else ""
             size = f"{b['bundle_bytes'] / 1e9:.2f}" if b.get("bundle_bytes") else ""
@@ -248,6 +289,16 @@ def markdown(result):
         if "int8_over_fp16_bundle" in case:
             lines.append(f"\nint8 / fp16 bundle bytes ({case['layers']} layers): {case['int8_over_fp16_bundle']}")
     for s in result.get("sweep", []):
+        full = next((k.rsplit("_", 1)[1] for k in s if k.startswith("wall_s_at_")), "?")
+        lines += ["", f"Per stage, {s['dtype']}, least-squares line over {s['layers']} layers, at {full} layers:", "",
+                  "| stage | s per layer | s at full | GiB per layer | peak GiB at full |", "|---|---|---|---|---|"]
+        for stage, f in s.get("stages", {}).items():
+            lines.append(f"| {stage} | {f['wall_s_per_layer']} | {f[f'wall_s_at_{full}']} | "
+                         f"{f['peak_gib_per_layer']} | {f[f'peak_gib_at_{full}']} |")
+        need = s.get(f"session_estimate_gib_at_{full}") or {}
+        if need:
+            lines.append(f"\nOne ONNX Runtime session at {full} layers (skywork_deploy.memory's estimate, GiB): "
+                         + ", ".join(f"{m} {v}" for m, v in need.items()))
         lines.append(f"\nsweep {s['dtype']}: wall = {s['wall_fit']['a']} + {s['wall_fit']['b_per_layer']} s/layer, "
                      f"peak = {s['peak_fit']['a']} + {s['peak_fit']['b_per_layer']} GiB/layer; "
                      + ", ".join(f"{k} {v}" for k, v in s.items() if k.startswith(("wall_s_at", "peak_rss_gib_at"))))
@@ -262,6 +313,7 @@ def main():
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "full_build"))
     ap.add_argument("--tag", default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--include-lm-head", action="store_true", help="int8 builds quantize lm_head too")
     ap.add_argument("--session", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.session:
@@ -278,7 +330,7 @@ def main():
     tag = args.tag or f"{args.shape}-full-build"
     out = ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-{tag}.json"
     for n in layers:
-        result["cases"].append(run_case(args.shape, n, dtypes, args.work, args.keep))
+        result["cases"].append(run_case(args.shape, n, dtypes, args.work, args.keep, args.include_lm_head))
         result["machine"]["load_avg_at_end"] = os.getloadavg()
         if len(layers) > 1:
             result["sweep"] = [s for d in dtypes if (s := sweep_summary(result["cases"], full, d))]

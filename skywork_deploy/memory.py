@@ -9,8 +9,10 @@ measured on 7B-shaped graphs (benchmarks/results/ort_session_memory.json, bench_
 - float32 MatMul weights: prepacked into ONNX Runtime's own memory; the mapped original and the copy coexist
   while it packs (2x at the peak, then the mapping is released). With `session.disable_prepacking` they stay
   in the read-only file mapping: 1x.
-- float16 weights feeding MatMul: the CPU provider has no fp16 MatMul, so it inserts a Cast and converts the
-  initializer to float32 at load time: the fp32 copy (2x) beside the mapping (1x).
+- float16 weights feeding MatMul: the CPU provider has no fp16 MatMul, so the Cast (inserted by it, or the
+  int8 graphs' own before lm_head) is folded into a float32 initializer at load time: 2x, and while one tensor
+  is folded ONNX Runtime holds its fp32 result twice (the largest such tensor counts 2x more). int8 graphs
+  store a large lm_head in vocabulary slices for that reason (export/int8.py).
 - int8 weights fused into MatMulNBits (`fast`, `exact-nbits`): packed once, about 1x. With
   `session.disable_quant_qdq` (`exact`, and validation's "unfused" mode) every DequantizeLinear is folded into
   an fp32 weight: 4x.
@@ -90,7 +92,7 @@ def graph_weights(source):
     # an fp16 weight widened by an explicit Cast before its MatMul (int8 graphs' lm_head) is held like one the
     # provider widens itself: ONNX Runtime folds the Cast into an fp32 initializer at load time
     matmul_inputs |= {n.input[0] for n in proto.graph.node if n.op_type == "Cast" and n.output[0] in matmul_inputs}
-    out = {"int8": 0, "matmul_float32": 0, "matmul_float16": 0, "other": 0}
+    out = {"int8": 0, "matmul_float32": 0, "matmul_float16": 0, "largest_matmul_float16": 0, "other": 0}
     for t in proto.graph.initializer:
         size = int(next((e.value for e in t.external_data if e.key == "length"), 0) or len(t.raw_data))
         if t.data_type == onnx.TensorProto.INT8:
@@ -99,6 +101,7 @@ def graph_weights(source):
             out["matmul_float32"] += size
         elif t.name in matmul_inputs and t.data_type == onnx.TensorProto.FLOAT16:
             out["matmul_float16"] += size
+            out["largest_matmul_float16"] = max(out["largest_matmul_float16"], size)
         else:
             out["other"] += size
     return out
@@ -109,7 +112,8 @@ def session_bytes(weights, mode):
     if mode not in MODES:
         raise ValueError(f"unknown session mode {mode!r}")
     f32 = weights.get("matmul_float32", 0) * (1 if mode == "float-low-memory" else 2)
-    f16 = weights.get("matmul_float16", 0) * 3  # mapped fp16 + the fp32 copy the Cast insertion makes
+    f16 = (weights.get("matmul_float16", 0) + weights.get("largest_matmul_float16", 0)) * 2  # fp32 copies, the
+    # largest twice while it is folded
     q = weights.get("int8", 0) * (4 if mode == "int8-unfused" else 1)
     return int((f32 + f16 + q + weights.get("other", 0)) * 1.1) + OVERHEAD
 

@@ -1,6 +1,7 @@
 """Export stage: prefill/decode graphs on tiny random Qwen2 models, validated by ONNX Runtime."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +251,33 @@ def test_int8_from_bf16_keeps_embedding_and_lm_head_in_fp16_exactly(tiny_model_f
     assert {"trace", "simplify", "weights", "save_and_check"} <= set(seconds)
     assert {"reference", "int8 ort exact", "int8 ort unfused", "int8 ort fast"} <= set(seconds["validation"])
     assert all(v >= 0 for v in seconds["validation"].values())
+
+
+def test_int8_fp16_lm_head_in_vocabulary_slices_matches_and_stores_each_row_once(tiny_model_factory, tmp_path,
+                                                                                   monkeypatch):
+    """An lm_head larger than CHUNK_BYTES is stored as vocabulary slices (one initializer, Cast and MatMul each,
+    the logits concatenated), so ONNX Runtime folds one slice at a time: the bytes are the same as one tensor,
+    the slices are the checkpoint's rows in order, and the exact mode still matches the reference to 1e-4."""
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.torch import load_file
+
+    from skywork_deploy.export import export_model, int8
+
+    bf16 = tiny_model_factory("gqa", tokenizer=True, vocab_size=1024, dtype="bfloat16")
+    whole = export_model(bf16, tmp_path / "whole", dtype="int8", simplify=False)
+    monkeypatch.setattr(int8, "CHUNK_BYTES", 1024 * 64 * 2 // 3 + 1)  # three slices: 341 + 341 + 342 rows
+    result = export_model(bf16, tmp_path / "sliced", dtype="int8", simplify=False)
+    proto = onnx.load(str(tmp_path / "sliced" / "prefill.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    parts = sorted(n for n in inits if "lm_head" in n)
+    assert [inits[n].shape for n in parts] == [(64, 341), (64, 341), (64, 342)]
+    assert all(inits[n].dtype == np.float16 for n in parts)
+    shard = next(Path(bf16).glob("*.safetensors"))
+    head = load_file(str(shard))["lm_head.weight"].float().numpy()
+    np.testing.assert_array_equal(np.concatenate([inits[n] for n in parts], axis=1), head.T.astype(np.float16))
+    concat = [n for n in proto.graph.node if n.op_type == "Concat" and n.output[0] == "logits"]
+    assert len(concat) == 1 and len(concat[0].input) == 3
+    assert abs(result["weight_bytes"] - whole["weight_bytes"]) <= 3 * 4096  # alignment padding only
+    exact = [r for r in result["validation"]["rows"] if r["mode"] == "int8 ort exact"]
+    assert len(exact) == 9 and all(r["ok"] and r["max_abs_diff"] <= 1e-4 for r in exact)

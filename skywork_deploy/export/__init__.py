@@ -167,7 +167,7 @@ def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, 
             timing["validation"] = report.get("seconds", {})
             write_json(tmp / "validation.json", report)
             manifest = _manifest(tmp, src, spec, dtype, int8_format, seq_lens, ort_ops, protos, simplified,
-                                 data_bytes, patched_copy, report, timing)
+                                 data_bytes, patched_copy, report, timing, export_rss)
             if report["passed"] is False:
                 failed = out.with_name(out.name + ".failed")
                 shutil.rmtree(failed, ignore_errors=True)
@@ -278,7 +278,7 @@ def _io(values):
 
 
 def _manifest(bundle, src, spec, dtype, int8_format, seq_lens, ort_ops, protos, simplified, data_bytes,
-              patched_copy, report, timing=None):
+              patched_copy, report, timing=None, export_rss=None):
     from . import graphs, int8, weights
 
     float_type = "float16" if dtype == "fp16" else "float32"
@@ -311,6 +311,7 @@ def _manifest(bundle, src, spec, dtype, int8_format, seq_lens, ort_ops, protos, 
                                                  **({"skipped": report["skipped"]} if "skipped" in report else {})},
         ort_ops=ort_ops, options={"dtype": dtype, "int8_format": int8_format, "seq_lens": seq_lens, "ort_ops": ort_ops},
         fp16_weights=_fp16_weights(protos[0], dtype), seconds=timing or {},
+        peak_rss_before_validation_bytes=export_rss,  # trace + streaming; validation's sessions come after
     )
 
 

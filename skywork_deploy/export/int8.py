@@ -19,7 +19,19 @@ range converts exactly, so fp32 storage buys no accuracy; the gated exact valida
 
     table fp16 ──► Gather ──► Cast(float) ──►          (only the looked-up rows are widened)
     lm_head.T fp16 ──► Cast(float) ──► MatMul ──►      (ONNX Runtime folds the Cast once, at load time)
+
+A large lm_head is stored as vocabulary slices of at most `CHUNK_BYTES` each, every slice its own initializer
+with its own Cast and MatMul, the logits concatenated (each logit is still one dot product over the hidden
+size). ONNX Runtime's constant folding holds the folded fp32 tensor twice while it turns it into an
+initializer: folded whole, the 7B lm_head (1.09 GB fp16, 2.18 GB fp32) put 4.4 GB beside the bundle at load
+time; in slices the extra is one slice (2-layer 7B-shaped int8 bundle of 2.52 GiB, one fast session: peak
+4.64 GiB whole, 2.85 GiB in 16 slices; benchmarks/ort_session_memory.py).
+
+    lm_head.T/part_k fp16 (hidden, slice_k) ──► Cast ──► MatMul(x, ·) ──┐
+    ...                                                                   ├─► Concat(axis -1) ──► logits
 """
+from dataclasses import dataclass
+
 import onnx
 from onnx import helper
 
@@ -129,6 +141,18 @@ def ensure_domain(proto):
     return proto
 
 
+CHUNK_BYTES = 64 << 20  # largest fp16 lm_head slice (its fp32 fold is what ONNX Runtime holds twice)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Weight recipe: rows [start, stop) of checkpoint tensor `state` (output channels of a Linear)."""
+
+    state: str
+    start: int
+    stop: int
+
+
 HALF_SOURCES = ("BF16", "F16")  # checkpoint dtypes whose values fp16 holds exactly (in its normal range)
 HALF_WEIGHTS = ("embed_tokens.weight", "lm_head.weight")
 
@@ -159,6 +183,9 @@ def half_float_weights(proto, params, source_dtypes):
             nodes += [node, helper.make_node("Cast", [node.output[0]], [wide], name=node.name + "/Cast",
                                              to=onnx.TensorProto.FLOAT)]
             continue
+        if node.op_type == "MatMul" and node.input[1] in half and params[node.input[1]][1]:
+            nodes += _sliced_matmul(proto, params, inputs, node)
+            continue
         for k, name in enumerate(node.input):
             if name in half:
                 wide = name + "/fp32"
@@ -169,4 +196,28 @@ def half_float_weights(proto, params, source_dtypes):
                 node.input[k] = wide
         nodes.append(node)
     replace_nodes(proto, nodes)
+    drop_unused_inputs(proto, params)
     return changed
+
+
+def _sliced_matmul(proto, params, inputs, node, chunk_bytes=None):
+    """MatMul(x, W.T fp16) as Concat over vocabulary slices of Cast(W.T slice) @ x; the slices become inputs."""
+    x, name = node.input
+    state, _ = params[name]
+    hidden, out = [d.dim_value for d in inputs[name].type.tensor_type.shape.dim]  # stored transposed (in, out)
+    parts = max(1, -(-hidden * out * 2 // (chunk_bytes or CHUNK_BYTES)))
+    if parts == 1:
+        wide = name + "/fp32"
+        return [helper.make_node("Cast", [name], [wide], name=wide + "/Cast", to=onnx.TensorProto.FLOAT),
+                helper.make_node("MatMul", [x, wide], list(node.output), name=node.name)]
+    nodes, outs = [], []
+    bounds = [out * k // parts for k in range(parts + 1)]
+    for k, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+        part = f"{name}/part{k:02d}"
+        proto.graph.input.append(helper.make_tensor_value_info(part, onnx.TensorProto.FLOAT16, [hidden, stop - start]))
+        params[part] = (Rows(state, start, stop), True)
+        outs.append(f"{node.output[0]}/part{k:02d}")
+        nodes += [helper.make_node("Cast", [part], [part + "/fp32"], name=part + "/Cast", to=onnx.TensorProto.FLOAT),
+                  helper.make_node("MatMul", [x, part + "/fp32"], [outs[-1]], name=part + "/MatMul")]
+    nodes.append(helper.make_node("Concat", outs, list(node.output), name=node.name + "/Concat", axis=-1))
+    return nodes

@@ -21,6 +21,7 @@ from ..errors import ModelFormatError
 from ..progress import bar
 from ..spec import checkpoint_files
 from .edit import attr, bypass, index
+from .int8 import Rows
 
 DATA_FILE = "model.onnx.data"
 ALIGN = 4096  # page-aligned offsets let ONNX Runtime map the data file
@@ -116,11 +117,20 @@ class _Source:
     def __init__(self, checkpoint):
         self.ckpt = checkpoint
         self.scales = {}
+        self.rows = None  # (state, tensor) while its Rows slices are written
 
     def parts(self, recipe, elem):
         """[tensor]: one per state name of the recipe (a name, or a tuple of names to concatenate)."""
         import torch
 
+        if isinstance(recipe, Rows):  # consecutive slices of one tensor: read it once, keep it for the next
+            if self.rows is None or self.rows[0] != recipe.state:
+                self.rows = None  # the previous tensor goes before the next is read
+                self.rows = (recipe.state, self.ckpt.read(recipe.state))
+            full = self.rows[1]
+            if recipe.stop >= full.shape[0]:
+                self.rows = None
+            return [full[recipe.start:recipe.stop]]
         names = recipe if isinstance(recipe, tuple) else (recipe,)
         parts = [self.tensor(name, elem) for name in names]
         if len(parts) > 1 and parts[0].dim() == 1:  # fused scales or biases: small, concatenate here
@@ -145,8 +155,10 @@ class _Source:
 
 def _recipe_key(recipe):
     """Sort key: quantized weights before their scales, so each scale comes from the cache."""
+    if isinstance(recipe, Rows):
+        return recipe.state, False, recipe.start
     first = recipe[0] if isinstance(recipe, tuple) else recipe
-    return first.replace("_scale", ""), first.endswith("_scale")
+    return first.replace("_scale", ""), first.endswith("_scale"), 0
 
 
 def _source_shape(parts):

@@ -77,6 +77,8 @@ class OrtBackend(Backend):
         for key, value in INT8_ACCURACY.get(self.int8_accuracy, {}).items():
             opts.add_session_config_entry(key, value)
         self._opts, self.sessions = opts, {}
+        gc.collect()  # what an earlier stage of this process freed goes back to the kernel before the estimate
+        _release_freed_memory()
         self.one_session = self._memory_policy(one_session)
         # ORT prepacks weights into the session's CPU arena, and an arena outlives its session while any output
         # it allocated (the prefill's K/V) is alive: with one session at a time the freed prefill session's
