@@ -26,6 +26,25 @@ STAGING = "making-"                        # a temporary folder's name until its
 OUR_MANIFESTS = ("skywork_deploy_manifest.json", "manifest.json", "skywork_deploy_patch.json")
 
 
+def wait_interruptibly(proc, timeout=None, poll=0.25):
+    """`proc.wait(timeout)` that Ctrl-C always interrupts.
+
+    A blocking wait never returns to Python when SIGINT is delivered to another thread of the process (the
+    output reader), so KeyboardInterrupt would wait for the child to exit; short waits in a loop let the main
+    thread notice it within `poll` seconds. Raises subprocess.TimeoutExpired at `timeout`, as wait does.
+    """
+    import subprocess
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = poll if deadline is None else min(poll, deadline - time.monotonic())
+        try:
+            return proc.wait(timeout=max(left, 0))
+        except subprocess.TimeoutExpired:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+
+
 def find_tool(name, option, env_var, explicit=None, environ=None, missing_hint=""):
     """An external program's absolute path: `explicit` (the option), else $env_var, else `name` on PATH."""
     environ = os.environ if environ is None else environ

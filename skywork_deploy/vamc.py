@@ -24,7 +24,7 @@ import yaml
 from .compile_config import PREFLIGHT_CHECKS, plan_compile, raise_problems
 from .compile_output import OUTPUT_CHECKS, find_suites, provide_tokenizer, rank_warnings
 from .errors import ConfigError, ExternalToolError, InputError
-from .fsutil import find_tool, sha256_file, write_text
+from .fsutil import find_tool, sha256_file, wait_interruptibly, write_text
 from .manifest import write_manifest
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def _stop(proc):
 def _wait(proc, reader, timeout, log_file):
     """The compiler's exit code; on timeout or Ctrl-C its whole process group is stopped first."""
     try:
-        returncode = proc.wait(timeout=timeout)
+        returncode = wait_interruptibly(proc, timeout)
     except (subprocess.TimeoutExpired, KeyboardInterrupt) as exc:
         _stop(proc)
         reader.join(KILL_GRACE_SECONDS)

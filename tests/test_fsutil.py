@@ -105,3 +105,40 @@ def test_overwrite_says_what_it_replaced(tmp_path, caplog):
     assert f"replaced {mine} (a export folder" in caplog.text
     assert [p.name for p in mine.iterdir()] == ["new.onnx"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # the old copy is gone too
+
+
+def test_wait_interruptibly_sees_ctrl_c_delivered_to_another_thread(tmp_path):
+    """SIGINT that the kernel hands to the output-reader thread never wakes a blocking wait in the main thread;
+    the polling wait raises KeyboardInterrupt within its poll interval (what vamc and vastgenx rely on)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import signal, subprocess, sys, threading\n"
+        "from skywork_deploy.fsutil import wait_interruptibly\n"
+        "proc = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], stdout=subprocess.PIPE)\n"
+        "reader = threading.Thread(target=proc.stdout.read, daemon=True); reader.start()\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])  # only the reader thread can receive it\n"
+        "print('ready', flush=True)\n"
+        "try:\n"
+        "    wait_interruptibly(proc)\n"
+        "except KeyboardInterrupt:\n"
+        "    proc.kill(); print('interrupted', flush=True); sys.exit(130)\n")
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    start = time.monotonic()
+    child.send_signal(signal.SIGINT)
+    out, _ = child.communicate(timeout=30)
+    assert child.returncode == 130 and "interrupted" in out
+    assert time.monotonic() - start < 10
+    with pytest.raises(subprocess.TimeoutExpired):  # a timeout still raises as Popen.wait's does
+        from skywork_deploy.fsutil import wait_interruptibly
+
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            wait_interruptibly(sleeper, timeout=0.6)
+        finally:
+            sleeper.kill()

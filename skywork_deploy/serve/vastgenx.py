@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError, ExternalToolError, InputError, NetworkError
-from ..fsutil import find_tool
+from ..fsutil import find_tool, wait_interruptibly
 
 log = logging.getLogger(__name__)
 ENV_VAR = "SKYWORK_DEPLOY_VASTGENX"
@@ -170,7 +170,7 @@ def serve_compiled(target, host="127.0.0.1", port=9900, devices=None, vastgenx=N
         models = proc.wait_ready(url, ready_timeout)
         if on_ready is not None:
             on_ready(url, models)
-        code = proc.proc.wait()
+        code = wait_interruptibly(proc.proc)
         proc.reader.join(GRACE_SECONDS)
         if code != 0:
             raise proc.failure(f"vastgenx exited with code {code}")
