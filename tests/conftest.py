@@ -57,3 +57,14 @@ def tiny_model(tiny_model_factory, tmp_path):
 def copy_model(src, dst):
     shutil.copytree(src, dst)
     return dst
+
+
+def sigint_default():
+    """preexec_fn for a child that a test interrupts with SIGINT: the default disposition, as in a terminal.
+
+    A shell without job control (CI scripts run in the background) starts its commands with SIGINT ignored,
+    and Python then installs no KeyboardInterrupt handler: Ctrl-C tests would see nothing happen.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -15,6 +15,7 @@ from skywork_deploy.fsutil import (
     LOCK_NAME, MARKER, atomic_output_dir, check_output, folder_lock, remove_stale, work_dir, write_json,
     written_by_us,
 )
+from tests.conftest import sigint_default
 
 
 def ours(folder, stage="export", **extra):
@@ -127,7 +128,8 @@ def test_wait_interruptibly_sees_ctrl_c_delivered_to_another_thread(tmp_path):
         "    wait_interruptibly(proc)\n"
         "except KeyboardInterrupt:\n"
         "    proc.kill(); print('interrupted', flush=True); sys.exit(130)\n")
-    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                             preexec_fn=sigint_default)
     assert child.stdout.readline().strip() == "ready"
     start = time.monotonic()
     child.send_signal(signal.SIGINT)

@@ -24,6 +24,7 @@ from skywork_deploy.compile_config import PREFLIGHT_CHECKS, CompileSettings, pla
 from skywork_deploy.compile_output import OUTPUT_CHECKS
 from skywork_deploy.errors import ExternalToolError
 from skywork_deploy.vamc import compile_model, compile_models, find_vamc, run_vamc, write_config
+from tests.conftest import sigint_default
 from tests.test_compile import known_config, patched  # noqa: F401  (a fixture)
 
 FAKE_VAMC = """\
@@ -342,7 +343,7 @@ def test_ctrl_c_stops_the_compiler_and_exits_cleanly(patched, fake_vamc, tmp_pat
     env = {**os.environ, "FAKE_VAMC_MODE": "hang"}
     proc = subprocess.Popen([sys.executable, "-m", "skywork_deploy", "compile", str(patched()), "--dtype", "fp16",
                              "--vamc", str(fake_vamc)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     deadline = time.monotonic() + 60
     while not (tmp_path / "vamc_record.json").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
