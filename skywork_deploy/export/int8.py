@@ -23,9 +23,11 @@ range converts exactly, so fp32 storage buys no accuracy; the gated exact valida
 A large lm_head is stored as vocabulary slices of at most `CHUNK_BYTES` each, every slice its own initializer
 with its own Cast and MatMul, the logits concatenated (each logit is still one dot product over the hidden
 size). ONNX Runtime's constant folding holds the folded fp32 tensor twice while it turns it into an
-initializer: folded whole, the 7B lm_head (1.09 GB fp16, 2.18 GB fp32) put 4.4 GB beside the bundle at load
-time; in slices the extra is one slice (2-layer 7B-shaped int8 bundle of 2.52 GiB, one fast session: peak
-4.64 GiB whole, 2.85 GiB in 16 slices; benchmarks/ort_session_memory.py).
+initializer: folded whole, the 7B lm_head's fp32 copy (2.18 GB) is held twice at load time; in slices the extra
+is one slice (2-layer 7B-shaped int8 bundle of 2.52 GiB, one fast session in a fresh process: peak 4.64 GiB
+whole, 2.85 GiB in 16 slices). With all 28 layers the peak comes later, from ONNX Runtime's packed int8
+weights (~1.3x their bytes), so there the slices leave it as it was (11.19 -> 11.18 GiB,
+`benchmarks/bench_full_build.py`).
 
     lm_head.T/part_k fp16 (hidden, slice_k) ──► Cast ──► MatMul(x, ·) ──┐
     ...                                                                   ├─► Concat(axis -1) ──► logits
@@ -200,12 +202,12 @@ def half_float_weights(proto, params, source_dtypes):
     return changed
 
 
-def _sliced_matmul(proto, params, inputs, node, chunk_bytes=None):
+def _sliced_matmul(proto, params, inputs, node):
     """MatMul(x, W.T fp16) as Concat over vocabulary slices of Cast(W.T slice) @ x; the slices become inputs."""
     x, name = node.input
     state, _ = params[name]
     hidden, out = [d.dim_value for d in inputs[name].type.tensor_type.shape.dim]  # stored transposed (in, out)
-    parts = max(1, -(-hidden * out * 2 // (chunk_bytes or CHUNK_BYTES)))
+    parts = max(1, -(-hidden * out * 2 // CHUNK_BYTES))
     if parts == 1:
         wide = name + "/fp32"
         return [helper.make_node("Cast", [name], [wide], name=wide + "/Cast", to=onnx.TensorProto.FLOAT),
