@@ -13,7 +13,9 @@ measured on 7B-shaped graphs (benchmarks/results/ort_session_memory.json, bench_
   int8 graphs' own before lm_head) is folded into a float32 initializer at load time: 2x, and while one tensor
   is folded ONNX Runtime holds its fp32 result twice (the largest such tensor counts 2x more). int8 graphs
   store a large lm_head in vocabulary slices for that reason (export/int8.py).
-- int8 weights fused into MatMulNBits (`fast`, `exact-nbits`): packed once, about 1x. With
+- int8 weights fused into MatMulNBits (`fast`, `exact-nbits`): ONNX Runtime's packed layout, 1.3x (a 7B
+  int8 fast session peaked at 11.18 GiB, 12.0 GB, for 6.53 GB of int8 weights beside 2.2 GB fp16 tables;
+  2-layer 7B-shaped: 2,775 MiB anonymous with prepacking, 2,638 MiB without). With
   `session.disable_quant_qdq` (`exact`, and validation's "unfused" mode) every DequantizeLinear is folded into
   an fp32 weight: 4x.
 - everything else (embedding tables, norms, scales): mapped, 1x.
@@ -32,6 +34,7 @@ from .errors import ConfigError, DeployError
 FRACTION = 0.8  # a session is opened only while its estimate fits in this share of the available memory
 LIMIT_ENV = "SKYWORK_DEPLOY_MEMORY_LIMIT"
 OVERHEAD = 256 << 20
+PACKED_INT8 = 1.3  # MatMulNBits' packed copy per int8 weight byte (measured, see above)
 GIB = 2 ** 30
 MODES = ("float", "float-low-memory", "int8-fused", "int8-unfused")
 
@@ -114,7 +117,7 @@ def session_bytes(weights, mode):
     f32 = weights.get("matmul_float32", 0) * (1 if mode == "float-low-memory" else 2)
     f16 = (weights.get("matmul_float16", 0) + weights.get("largest_matmul_float16", 0)) * 2  # fp32 copies, the
     # largest twice while it is folded
-    q = weights.get("int8", 0) * (4 if mode == "int8-unfused" else 1)
+    q = weights.get("int8", 0) * (4 if mode == "int8-unfused" else PACKED_INT8)
     return int((f32 + f16 + q + weights.get("other", 0)) * 1.1) + OVERHEAD
 
 

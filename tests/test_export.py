@@ -201,16 +201,28 @@ def test_validation_collects_every_mismatch():
 
 
 def test_forced_streamed_reference_validates_int8_and_is_recorded(small_model, tmp_path, monkeypatch):
+    """Also the short exact chain of large int8 models (threshold lowered to this model): prefill + 2 decodes
+    for the MatMulNBits exact mode, the full chain for the others, all against the one reference pass."""
     from skywork_deploy.export import export_model, validate
 
     monkeypatch.setenv(validate.REFERENCE_ENV, "streamed")
+    monkeypatch.setattr(validate, "EXACT_SHORT_CHAIN_BYTES", 0)
     out = tmp_path / "int8"
     result = export_model(small_model, out, dtype="int8", simplify=False)
     report = json.loads((out / "validation.json").read_text())
     assert report["passed"] and report["reference_kind"] == "streamed" and "layer-streamed" in report["reference"]
     assert report["decode_tokens"].startswith("forced") and validate.REFERENCE_ENV in report["reference_choice"]
+    assert report["decode_steps_by_mode"] == {"int8 ort exact": validate.EXACT_SHORT_DECODE_STEPS}
+    steps = {m: [r["step"] for r in result["validation"]["rows"] if r["mode"] == m]
+             for m in ("int8 ort exact", "int8 ort unfused", "int8 ort fast")}
+    assert steps["int8 ort exact"] == ["prefill", "decode 1", "decode 2"]
+    assert len(steps["int8 ort unfused"]) == len(steps["int8 ort fast"]) == 1 + validate.DECODE_STEPS
     exact = [r for r in result["validation"]["rows"] if r["gated"]]
-    assert len(exact) == 18 and max(r["max_abs_diff"] for r in exact) <= 1e-4
+    assert len(exact) == 12 and max(r["max_abs_diff"] for r in exact) <= 1e-4
+    assert validate.decode_steps(validate.EXACT, 1) == validate.EXACT_SHORT_DECODE_STEPS
+    assert validate.decode_steps(validate.FAST, 1) == validate.decode_steps(validate.UNFUSED, 1) == 8
+    monkeypatch.setattr(validate, "EXACT_SHORT_CHAIN_BYTES", 1 << 30)
+    assert validate.decode_steps(validate.EXACT, 1 << 30) == 8 and validate.decode_steps(validate.EXACT, 2 << 30) == 2
 
 
 def test_validation_skipped_when_no_session_fits_is_reported_not_passed(small_model, tmp_path, monkeypatch):

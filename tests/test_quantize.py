@@ -67,7 +67,9 @@ def test_math_matches_numpy_reference(dtype):
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(96, 200, generator=gen) * torch.logspace(-3, 2, 96)[:, None]).to(dtype)
     w[5, 7] = w[5].abs().max() * 0.5 / 127 * 127  # an exact .5 step somewhere is handled like NumPy
+    before = w.clone()
     q, scale = quantize_per_channel(w)
+    assert torch.equal(w, before)  # the in-place division works on a copy, never on the caller's weight
     q_ref, scale_ref = numpy_reference(w.float().numpy())
     assert q.dtype == torch.int8 and scale.dtype == torch.float32
     np.testing.assert_array_equal(scale.numpy(), scale_ref)

@@ -50,6 +50,21 @@ ORT_MAX_FRACTION = 0.8  # an ORT session is tried only while its estimated bytes
 # external data file: file-backed pages the kernel can reclaim (benchmarks/results/ort_session_memory.json).
 # Float graphs only: without prepacking MatMulNBits computes exactly, which would hide the int8 fast path.
 LOW_MEMORY_SESSION = {"session.disable_prepacking": "1"}
+# MatMulNBits at accuracy level 0 (the gated exact int8 mode) dequantizes every weight on every call: about
+# 4.7 s a call for the 7B shape's 2 layers and 61-68 s for all 28 on 2 cores, nine calls a third of the 7B
+# build's time. Above EXACT_SHORT_CHAIN_BYTES of int8 weights that mode's chain is the prefill and
+# EXACT_SHORT_DECODE_STEPS decode steps, the second fed with the first's presents, so the decode graph and the
+# K/V hand-over (prefill -> decode and decode -> decode) are still checked exactly; the other modes keep the
+# full chain (benchmarks/bench_full_build.py).
+EXACT_SHORT_CHAIN_BYTES = 1 << 30
+EXACT_SHORT_DECODE_STEPS = 2
+
+
+def decode_steps(options, int8_bytes):
+    """Decode steps a mode's chain runs: DECODE_STEPS, or the short exact chain for large int8 weights."""
+    if options == EXACT and int8_bytes > EXACT_SHORT_CHAIN_BYTES:
+        return EXACT_SHORT_DECODE_STEPS
+    return DECODE_STEPS
 
 
 def make_inputs(vocab, seq_len):
@@ -192,8 +207,9 @@ def _session(path, options, low_memory):
 
 
 def run_chain(prefill_path, decode_path, num_layers, vocab, seq_len, options, float_np, low_memory=True,
-              desc="validate"):
-    """ORT logits per step: prefill, then DECODE_STEPS decodes of the forced tokens with its own presents.
+              desc="validate", steps=DECODE_STEPS):
+    """ORT logits per step: prefill, then `steps` (<= DECODE_STEPS) decodes of the forced tokens with its own
+    presents.
 
     One session at a time: the prefill session is freed (its presents kept as NumPy) before the decode one.
     A progress bar `desc` counts the steps (prefill + decodes, each with its session load).
@@ -201,7 +217,8 @@ def run_chain(prefill_path, decode_path, num_layers, vocab, seq_len, options, fl
     from ..progress import bar
 
     ids, mask, forced = make_inputs(vocab, seq_len)
-    steps = bar(total=1 + DECODE_STEPS, desc=desc, unit="step")
+    decodes = min(steps, DECODE_STEPS)
+    steps = bar(total=1 + decodes, desc=desc, unit="step")
     session = _session(prefill_path, options, low_memory)
     out = session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)})
     steps.update(1)
@@ -210,7 +227,7 @@ def run_chain(prefill_path, decode_path, num_layers, vocab, seq_len, options, fl
     past = [t.astype(float_np) for t in out[1:]]
     del out
     session = _session(decode_path, options, low_memory)
-    for step in range(DECODE_STEPS):
+    for step in range(decodes):
         mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
         feed = {"input_ids": forced[:, step:step + 1], "attention_mask": mask,
                 "position_ids": positions(mask)[:, -1:]}
