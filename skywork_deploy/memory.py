@@ -15,7 +15,9 @@ measured on 7B-shaped graphs (benchmarks/results/ort_session_memory.json, bench_
   store a large lm_head in vocabulary slices for that reason (export/int8.py).
 - int8 weights fused into MatMulNBits (`fast`, `exact-nbits`): ONNX Runtime's packed layout, 1.3x (a 7B
   int8 fast session peaked at 11.18 GiB, 12.0 GB, for 6.53 GB of int8 weights beside 2.2 GB fp16 tables;
-  2-layer 7B-shaped: 2,775 MiB anonymous with prepacking, 2,638 MiB without). With
+  2-layer 7B-shaped: 2,775 MiB anonymous with prepacking, 2,638 MiB without). Weights the bundle already
+  stores in MatMulNBits' layout (export/nbits.py, read by the graph's own MatMulNBits nodes): 1.15x (eight
+  7B-shaped MLP matrices, 543 MB of int8: 0.77 GiB steady with the load-time fusion, 0.59 GiB pre-fused). With
   `session.disable_quant_qdq` (`exact`, and validation's "unfused" mode) every DequantizeLinear is folded into
   an fp32 weight: 4x.
 - everything else (embedding tables, norms, scales): mapped, 1x.
@@ -35,6 +37,7 @@ FRACTION = 0.8  # a session is opened only while its estimate fits in this share
 LIMIT_ENV = "SKYWORK_DEPLOY_MEMORY_LIMIT"
 OVERHEAD = 256 << 20
 PACKED_INT8 = 1.3  # MatMulNBits' packed copy per int8 weight byte (measured, see above)
+PREFUSED_INT8 = 1.15  # the same for weights stored in MatMulNBits' own layout (export/nbits.py; measured, above)
 GIB = 2 ** 30
 MODES = ("float", "float-low-memory", "int8-fused", "int8-unfused")
 
@@ -86,7 +89,8 @@ def available_bytes():
 def graph_weights(source):
     """Bytes of a graph's initializers by how a session holds them; `source` is a path or a ModelProto.
 
-    {"int8", "matmul_float32", "matmul_float16", "other"}; sizes come from the external-data lengths.
+    {"int8", "int8_nbits", "matmul_float32", "matmul_float16", "largest_matmul_float16", "other"}; sizes come from
+    the external-data lengths. "int8_nbits": weights a MatMulNBits node of the graph reads (pre-fused).
     """
     import onnx
 
@@ -95,10 +99,14 @@ def graph_weights(source):
     # an fp16 weight widened by an explicit Cast before its MatMul (int8 graphs' lm_head) is held like one the
     # provider widens itself: ONNX Runtime folds the Cast into an fp32 initializer at load time
     matmul_inputs |= {n.input[0] for n in proto.graph.node if n.op_type == "Cast" and n.output[0] in matmul_inputs}
-    out = {"int8": 0, "matmul_float32": 0, "matmul_float16": 0, "largest_matmul_float16": 0, "other": 0}
+    prefused = {n.input[1] for n in proto.graph.node if n.op_type == "MatMulNBits"}
+    out = {"int8": 0, "int8_nbits": 0, "matmul_float32": 0, "matmul_float16": 0, "largest_matmul_float16": 0,
+           "other": 0}
     for t in proto.graph.initializer:
         size = int(next((e.value for e in t.external_data if e.key == "length"), 0) or len(t.raw_data))
-        if t.data_type == onnx.TensorProto.INT8:
+        if t.name in prefused:
+            out["int8_nbits"] += size
+        elif t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
             out["int8"] += size
         elif t.name in matmul_inputs and t.data_type == onnx.TensorProto.FLOAT:
             out["matmul_float32"] += size
@@ -118,6 +126,7 @@ def session_bytes(weights, mode):
     f16 = (weights.get("matmul_float16", 0) + weights.get("largest_matmul_float16", 0)) * 2  # fp32 copies, the
     # largest twice while it is folded
     q = weights.get("int8", 0) * (4 if mode == "int8-unfused" else PACKED_INT8)
+    q += weights.get("int8_nbits", 0) * PREFUSED_INT8
     return int((f32 + f16 + q + weights.get("other", 0)) * 1.1) + OVERHEAD
 
 

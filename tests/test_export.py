@@ -101,22 +101,59 @@ def test_fp16_left_padded_batch_has_no_nan(small_model, tmp_path):
 
 
 def test_int8_standard_runs_on_onnxruntime_exactly(small_model, tmp_path):
+    """int8 weights are stored once, in MatMulNBits' layout (uint8 = int8 + 128, export/nbits.py): the standard
+    graphs read them through DequantizeLinear, the pre-fused variants through MatMulNBits (accuracy 4 and 0),
+    all over the one data file; every gated mode matches the reference to 1e-4."""
     import onnx
+    import torch
+    from onnx import numpy_helper
+    from safetensors.torch import load_file
 
-    from skywork_deploy.export import export_model
+    from skywork_deploy.export import export_model, nbits
+    from skywork_deploy.source_code.quantization_vacc import quantize_per_channel
 
-    result = export_model(small_model, tmp_path / "int8", dtype="int8", simplify=False)
-    proto = onnx.load(str(tmp_path / "int8" / "prefill.onnx"), load_external_data=False)
+    out = tmp_path / "int8"
+    result = export_model(small_model, out, dtype="int8", simplify=False)
+    proto = onnx.load(str(out / "prefill.onnx"), load_external_data=False)
     ops = [n.op_type for n in proto.graph.node]
     # q/k/v and gate/up are fused (export/fuse.py): 4 quantized MatMuls per layer
     assert ops.count("DequantizeLinear") == 4 * LAYERS and not result["custom_nodes"]
-    int8_inits = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    assert len(int8_inits) == 4 * LAYERS and all(t.name.endswith(".T") for t in int8_inits)
+    u8 = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.UINT8]
+    assert len(u8) == 4 * LAYERS and all(t.name.endswith(nbits.SUFFIX) and len(t.dims) == 3 for t in u8)
+    assert not [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    variants = result["manifest"]["graph_variants"]
+    assert {k: v["int8_accuracy"] for k, v in variants.items()} == {"nbits": "fast", "nbits-exact": "exact-nbits"}
+    for variant in variants.values():
+        fused = onnx.load(str(out / variant["prefill"]["file"]), load_external_data=False)
+        levels = {a.i for n in fused.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                  if a.name == "accuracy_level"}
+        assert nbits.count(fused) == 4 * LAYERS and levels == {variant["accuracy_level"]}
+        assert "DequantizeLinear" not in {n.op_type for n in fused.graph.node}
+        shared = {t.name: [(e.key, e.value) for e in t.external_data] for t in fused.graph.initializer}
+        assert all(shared[t.name] == [(e.key, e.value) for e in t.external_data] for t in u8)  # same bytes
+    # the stored bytes: the checkpoint's per-channel int8 + 128, row-major (out, in)
+    weights = onnx.load(str(out / "prefill.onnx"))
+    down = next(t for t in weights.graph.initializer if t.name.endswith("layers.1.mlp.down_proj.weight" + nbits.SUFFIX))
+    ckpt = load_file(str(next(Path(small_model).glob("*.safetensors"))))
+    q, _ = quantize_per_channel(ckpt["model.layers.1.mlp.down_proj.weight"])
+    stored = numpy_helper.to_array(down)
+    np.testing.assert_array_equal(stored.reshape(q.shape).astype(np.int16) - 128, q.numpy())
+    assert stored.shape[2] == nbits.block_size(q.shape[1])
     rows = result["validation"]["rows"]
-    exact = [r for r in rows if r["mode"] == "int8 ort exact"]
-    assert len(exact) == 9 and all(r["ok"] and r["max_abs_diff"] <= 1e-4 for r in exact)
-    assert any(r["mode"] == "int8 ort fast" and not r["gated"] for r in rows)
+    for mode in ("int8 ort exact", "int8 ort unfused"):
+        exact = [r for r in rows if r["mode"] == mode]
+        assert len(exact) == 9 and all(r["ok"] and r["max_abs_diff"] <= 1e-4 for r in exact)
+    fast = [r for r in rows if r["mode"] == "int8 ort fast"]
+    assert len(fast) == 9 and not any(r["gated"] for r in fast) and min(r["cosine"] for r in fast) > 0.99
     assert result["manifest"]["graphs"]["prefill"]["simplify"]["message"] == "--no-simplify"
+    assert torch.equal(torch.from_numpy(stored.reshape(q.shape).astype(np.int16) - 128).to(torch.int8), q)
+
+
+def test_nbits_block_size_is_the_largest_power_of_two_dividing_k():
+    from skywork_deploy.export import nbits
+
+    assert [nbits.block_size(k) for k in (3584, 18944, 896, 4864, 64, 48, 8, 100)] == [128, 128, 128, 128, 64, 16,
+                                                                                     None, None]
 
 
 def test_int8_vacc_from_quantized_folder_has_custom_nodes_and_passes_checker(small_model, tmp_path):

@@ -103,12 +103,17 @@ def test_int8_lm_head_of_a_tied_model_quantize_export_run(tiny_model_factory, tm
     assert result["dtype"] == "int8" and result["validation"]["passed"]
     inits, proto = _initializers(tmp_path / "int8" / "decode.onnx")
     assert inits["m.model.embed_tokens.weight"].dtype == np.float32
-    assert inits["m.lm_head.weight.T"].dtype == np.int8 and inits["m.lm_head.weight.T"].shape == (64, 1024)
+    head = inits["m.lm_head.weight.u8"]  # MatMulNBits' layout: uint8 = int8 + 128, (N, K / block, block)
+    assert head.dtype == np.uint8 and head.shape == (1024, 1, 64)
     ckpt = _checkpoint(tmp_path / "q")
-    np.testing.assert_array_equal(inits["m.lm_head.weight.T"], ckpt["lm_head.weight"].T)
+
+    def as_int8(stored):
+        return (stored.reshape(stored.shape[0], -1).astype(np.int16) - 128).astype(np.int8)
+
+    np.testing.assert_array_equal(as_int8(head), ckpt["lm_head.weight"])
     p = "model.layers.0.self_attn."
-    np.testing.assert_array_equal(inits[f"m.{p}q_proj+k_proj+v_proj.weight.T"],
-                                  np.concatenate([ckpt[p + f"{n}_proj.weight"] for n in "qkv"]).T)
+    np.testing.assert_array_equal(as_int8(inits[f"m.{p}q_proj+k_proj+v_proj.weight.u8"]),
+                                  np.concatenate([ckpt[p + f"{n}_proj.weight"] for n in "qkv"]))
     np.testing.assert_array_equal(inits[f"m.{p}q_proj+k_proj+v_proj.weight_scale"],
                                   np.concatenate([ckpt[p + f"{n}_proj.weight_scale"] for n in "qkv"]))
     # the traced `bias.to(x.dtype)` Casts are dropped, so the three bias Adds fuse into one before the Split
@@ -118,10 +123,14 @@ def test_int8_lm_head_of_a_tied_model_quantize_export_run(tiny_model_factory, tm
     assert "Cast" not in ops[ops.index("DequantizeLinear"):]
     assert ops.count("DequantizeLinear") == 4 * LAYERS + 1  # qkv, o, gate+up, down per layer; lm_head
     assert not [n for n in proto.graph.node if n.domain not in ("", "com.microsoft")]  # ONNX Runtime runs it
-    for accuracy in ("exact", "fast"):
+    tokens = {}
+    for accuracy in ("exact", "exact-nbits", "fast"):  # standard graph folded; the two pre-fused variants
         backend = make_backend("onnxruntime", open_bundle(tmp_path / "int8"), threads=1, int8_accuracy=accuracy)
-        gen = generate_ids(backend, [[1, 2, 3, 4]], max_new_tokens=4)
-        assert len(gen.tokens[0]) == 4
+        assert backend.describe()["graph_variant"] == {"exact": None, "exact-nbits": "nbits-exact",
+                                                       "fast": "nbits"}[accuracy]
+        tokens[accuracy] = generate_ids(backend, [[1, 2, 3, 4]], max_new_tokens=4).tokens[0]
+        assert len(tokens[accuracy]) == 4
+    assert tokens["exact"] == tokens["exact-nbits"]  # the same W8A16 arithmetic through either graph
 
 
 def test_contrib_ops_graph_matches_the_standard_ops_graph(small_model, tmp_path):

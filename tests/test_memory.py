@@ -27,6 +27,9 @@ def test_graph_weights_account_for_every_byte_and_modes_order(int8_bundle):
     fused, unfused = memory.session_bytes(w, "int8-fused"), memory.session_bytes(w, "int8-unfused")
     # DequantizeLinear folded to fp32 (4x) against MatMulNBits' packed layout
     assert unfused - fused == pytest.approx((4 - memory.PACKED_INT8) * w["int8"] * 1.1, abs=2)
+    pre = memory.graph_weights(int8_bundle / "prefill.nbits.onnx")  # the same bytes, read by MatMulNBits
+    assert pre["int8_nbits"] == w["int8"] and pre["int8"] == 0
+    assert memory.session_bytes(pre, "int8-fused") < fused  # no load-time re-layout beside the stored weights
     assert memory.mode_for(True, int8_accuracy="exact") == "int8-unfused"
     assert memory.mode_for(True, {"session.qdq_matmulnbits_accuracy_level": "0"}) == "int8-fused"
     assert memory.mode_for(False, {"session.disable_prepacking": "1"}) == "float-low-memory"
@@ -59,7 +62,7 @@ def test_fp16_matmul_weights_are_widened_at_load_as_the_estimate_says(tmp_path):
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
                     save_as_external_data=True, location="m.data", size_threshold=0)
     weights = memory.graph_weights(path)
-    assert weights == {"int8": 0, "matmul_float32": 0, "matmul_float16": w.nbytes,
+    assert weights == {"int8": 0, "int8_nbits": 0, "matmul_float32": 0, "matmul_float16": w.nbytes,
                        "largest_matmul_float16": w.nbytes, "other": 0}
     # Measured in a fresh process: in a long test run, freed heap pages would absorb the new allocation.
     probe = (

@@ -3,14 +3,17 @@
     folder ─► skeleton (no weights) ─► trace prefill / decode (params as graph inputs)
            ─► [int8: vacc custom op, or standard DQ+MatMul] ─► fold weight transposes
            ─► [not vacc: fuse q/k/v and gate/up into one MatMul each (fuse.py)] ─► onnxsim
-           ─► stream initializers from the shards into model.onnx.data (shared by both graphs)
+           ─► [int8 standard: weights in MatMulNBits' layout, plus pre-fused graph files (nbits.py)]
+           ─► stream initializers from the shards into model.onnx.data (shared by every graph file)
            ─► ONNX Runtime vs torch reference ─► manifest
 
 The ONNX Runtime graphs (not vacc) are traced with residual+RMSNorm, rotary and attention as ONNX Runtime
 contrib ops (--ort-ops contrib, the default; contrib.py) or in standard ONNX ops (--ort-ops onnx; attention.py).
 
-The bundle layout is the contract in CONTRACT_EXPORT.md. Both graphs reference the same external data file
-`model.onnx.data` (same initializer names and bytes), which halves disk use and export time.
+Both graphs reference the same external data file `model.onnx.data` (same initializer names and bytes), which
+halves disk use and export time; an int8 standard bundle adds `prefill.nbits.onnx` / `decode.nbits.onnx`
+(MatMulNBits, the `fast` path) and `*.nbits-exact.onnx` (the same at accuracy level 0, `exact-nbits`), small
+graph files over the same data, listed in the manifest's `graph_variants`.
 """
 import logging
 import os
@@ -121,7 +124,7 @@ def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, 
     """Export MODEL (plain, patched or quantized folder) into bundle `out`; returns a result dict."""
     import onnx
 
-    from . import int8, weights
+    from . import int8, nbits, weights
     from .simplify import simplify as run_simplify
     from ..patch import resolve_model
 
@@ -147,18 +150,29 @@ def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, 
                 simplified[kind] = {"applied": False, "nodes_before": n, "nodes_after": n,
                                     "message": "--no-simplify"}
         timing["simplify"] = _lap(start, timing)
+        variants = _nbits_variants(protos, params_list) if dtype == "int8" and int8_format == "standard" else {}
         specs = {}
         for proto, params in zip(protos, params_list):
             specs.update(weights.param_specs(proto, params))
+        for graphs_, params_ in variants.values():
+            for proto, params in zip(graphs_, params_):
+                specs.update(weights.param_specs(proto, params))
         need = int(weights.estimate_bytes(specs) * 1.05) + (64 << 20)
         _check_disk(out, need)
         trace_seconds = time.perf_counter() - start
         with atomic_output_dir(out, overwrite=overwrite, inputs=[src]) as tmp:
-            data_bytes = weights.write_initializers(folder, protos, params_list, tmp / weights.DATA_FILE)
+            extra = [(g, p) for graphs_, params_ in variants.values() for g, p in zip(graphs_, params_)]
+            data_bytes = weights.write_initializers(folder, protos + [g for g, _ in extra],
+                                                    params_list + [p for _, p in extra], tmp / weights.DATA_FILE)
             timing["weights"] = _lap(start, timing)
-            for kind, proto in zip(GRAPHS, protos):
-                onnx.save_model(proto, str(tmp / f"{kind}.onnx"))
-                onnx.checker.check_model(str(tmp / f"{kind}.onnx"))
+            files = {f"{kind}.onnx": proto for kind, proto in zip(GRAPHS, protos)}
+            for variant, (graphs_, _) in variants.items():
+                files.update({_variant_file(kind, variant): proto for kind, proto in zip(GRAPHS, graphs_)})
+                for kind, proto in zip(GRAPHS, graphs_):  # same nodes and weights, fp32 arithmetic
+                    files[_variant_file(kind, "nbits-exact")] = nbits.set_accuracy(proto, nbits.VARIANTS["nbits-exact"])
+            for name, proto in files.items():
+                onnx.save_model(proto, str(tmp / name))
+                onnx.checker.check_model(str(tmp / name))
             _copy_side_files(folder, tmp)
             timing["save_and_check"] = _lap(start, timing)
             write_seconds = time.perf_counter() - start - trace_seconds
@@ -185,6 +199,30 @@ def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, 
               "simplify": simplified, "validation": report, "manifest": manifest, "timing": timing,
               "custom_nodes": len(int8.custom_nodes(protos[0]))}
     return result
+
+
+def _variant_file(kind, variant):
+    return f"{kind}.{variant}.onnx"
+
+
+def _mode_paths(bundle, variant):
+    """[prefill, decode] paths a validation mode runs: its pre-fused variant when present, else the standard."""
+    paths = [bundle / _variant_file(k, variant) for k in GRAPHS] if variant else []
+    return paths if paths and all(p.is_file() for p in paths) else [bundle / f"{k}.onnx" for k in GRAPHS]
+
+
+def _nbits_variants(protos, params_list):
+    """int8 standard graphs: weights in MatMulNBits' layout (in place) and the pre-fused graphs over them.
+
+    {"nbits": ([prefill, decode], [their params])}, empty when no projection's K has a block size (nbits.py).
+    The accuracy-level-0 copies ("nbits-exact") are made after the weights are attached.
+    """
+    from . import nbits
+
+    if not all(nbits.to_nbits_storage(proto, params) for proto, params in zip(protos, params_list)):
+        return {}
+    graphs_ = [nbits.prefused(proto, params, nbits.VARIANTS["nbits"]) for proto, params in zip(protos, params_list)]
+    return {"nbits": (graphs_, params_list)}
 
 
 def _lap(start, timing=None):
@@ -214,14 +252,19 @@ def _validate(bundle, folder, dtype, int8_format, spec, seq_lens, protos):
     is_int8 = dtype == "int8"
     float_np = "float16" if dtype == "fp16" else "float32"
     if not is_int8:
-        modes = [(f"{dtype} ort", v.FAST, True)]
+        modes, variants = [(f"{dtype} ort", v.FAST, True)], {}
     else:
         modes = [("int8 ort exact", v.EXACT, True), ("int8 ort unfused", v.UNFUSED, True),
                  (v.FAST_MODE, v.FAST, False)]
+        variants = {"int8 ort exact": "nbits-exact", v.FAST_MODE: "nbits"}
+    # each mode's graphs: the pre-fused MatMulNBits files when the bundle has them (nbits.py), else the
+    # standard graphs with ONNX Runtime's load-time fusion
+    paths = {mode: _mode_paths(bundle, variants.get(mode)) for mode, _, _ in modes}
     data_bytes = (bundle / weights.DATA_FILE).stat().st_size
-    sizes = v.weight_bytes(protos[0])
+    sizes = {mode: v.weight_bytes(protos[0] if int8_format == "vacc" else
+                                  onnx.load(str(paths[mode][0]), load_external_data=False)) for mode, _, _ in modes}
     skipped_modes = {mode: why for mode, options, _ in modes
-                     if (why := v.ort_fits(data_bytes, sizes, options, is_int8))}
+                     if (why := v.ort_fits(data_bytes, sizes[mode], options, is_int8))}
     how, why_ref = v.choose_reference(fp32_model_bytes(folder))
     base = {"reference_kind": how, "reference_choice": why_ref, "seq_len": seq, "batch": 2,
             "left_padding": v.PAD, "decode_steps": v.DECODE_STEPS, "decode_tokens": "forced (seeded)"}
@@ -239,13 +282,12 @@ def _validate(bundle, folder, dtype, int8_format, spec, seq_lens, protos):
     seconds = {}  # per phase: the one reference pass, then each mode (its sessions and steps)
     ref = v.reference_logits(folder, is_int8, spec.vocab_size, seq, how)
     seconds["reference"] = round(time.perf_counter() - clock, 2)
-    paths = [bundle / f"{k}.onnx" for k in GRAPHS]
     temp = []
     if int8_format == "vacc":  # ORT cannot run the custom op: check its reference rewrite (same weights)
         temp = [bundle / f".validate-{k}.onnx" for k in GRAPHS]
         for proto, path in zip(protos, temp):
             onnx.save_model(int8.to_reference(proto), str(path))
-        paths = temp
+        paths = {mode: temp for mode in paths}
     rows, decode_steps_by_mode = [], {}
     try:
         for mode, options, gated in modes:
@@ -253,10 +295,10 @@ def _validate(bundle, folder, dtype, int8_format, spec, seq_lens, protos):
                 log.warning("validation mode %r skipped: %s", mode, skipped_modes[mode])
                 continue
             clock = time.perf_counter()
-            chain = v.decode_steps(options, sizes["int8"])
+            chain = v.decode_steps(options, sizes[mode]["int8"])
             if chain < v.DECODE_STEPS:
                 decode_steps_by_mode[mode] = chain
-            steps, nonfinite = v.run_chain(paths[0], paths[1], spec.num_layers, spec.vocab_size, seq, options,
+            steps, nonfinite = v.run_chain(*paths[mode], spec.num_layers, spec.vocab_size, seq, options,
                                            float_np, low_memory=not is_int8, desc=f"validate: {mode}",
                                            steps=chain)
             rows += v.compare(mode, "fp16" if dtype == "fp16" else "exact", gated, steps, nonfinite, ref)
@@ -285,9 +327,15 @@ def _io(values):
 
 def _manifest(bundle, src, spec, dtype, int8_format, seq_lens, ort_ops, protos, simplified, data_bytes,
               patched_copy, report, timing=None, export_rss=None):
-    from . import graphs, int8, weights
+    from . import graphs, int8, nbits, weights
 
     float_type = "float16" if dtype == "fp16" else "float32"
+    variants = {}  # pre-fused MatMulNBits graphs over the same data file (nbits.py), by runtime accuracy
+    for variant, level in nbits.VARIANTS.items():
+        files = {kind: _variant_file(kind, variant) for kind in GRAPHS}
+        if all((bundle / f).is_file() for f in files.values()):
+            variants[variant] = {"accuracy_level": level, "int8_accuracy": {4: "fast", 0: "exact-nbits"}[level],
+                                 **{kind: {"file": f, "sha256": sha256_file(bundle / f)} for kind, f in files.items()}}
     graph_info = {}
     for kind, proto in zip(GRAPHS, protos):
         graph_info[kind] = {
@@ -309,7 +357,7 @@ def _manifest(bundle, src, spec, dtype, int8_format, seq_lens, ort_ops, protos, 
         bundle, "export", source=str(src), model=spec.name, dtype=dtype, int8_format=int8_format,
         seq_lens=seq_lens, seq_lens_meaning=shapes, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim, vocab_size=spec.vocab_size, kv_dtype=float_type, logits_dtype=float_type,
-        graphs=graph_info, runnable_on_onnxruntime=int8_format != "vacc",
+        graphs=graph_info, graph_variants=variants, runnable_on_onnxruntime=int8_format != "vacc",
         data_file={"file": weights.DATA_FILE, "bytes": data_bytes, "shared_by": list(GRAPHS),
                    "sha256": sha256_file(bundle / weights.DATA_FILE)},
         exporter="torch.onnx TorchScript (opset 17), traced without weights, initializers streamed",

@@ -162,7 +162,8 @@ def session_estimate(data_bytes, weights, options, int8):
     """
     from ..memory import mode_for, session_bytes
 
-    w = {"int8": weights.get("int8", 0), "matmul_float32": weights.get("matmul_float", 0),
+    nbits = weights.get("int8_nbits", 0)
+    w = {"int8": weights.get("int8", 0) - nbits, "int8_nbits": nbits, "matmul_float32": weights.get("matmul_float", 0),
          "matmul_float16": weights.get("matmul_float16", 0)}
     w["other"] = max(0, data_bytes - sum(w.values()))
     return session_bytes(w, mode_for(int8, {**({} if int8 else LOW_MEMORY_SESSION), **options}))
@@ -178,19 +179,13 @@ def ort_fits(data_bytes, weights, options, int8, available=None):
 
 
 def weight_bytes(proto):
-    """{"int8": int8 initializer bytes, "matmul_float"/"matmul_float16": fp32/fp16 ones read by MatMul/Gemm}."""
-    import onnx
+    """{"int8", "int8_nbits", "matmul_float", "matmul_float16"}: int8/uint8 initializer bytes (those a pre-fused
+    MatMulNBits reads apart), and the fp32/fp16 ones read by MatMul/Gemm."""
+    from ..memory import graph_weights
 
-    matmul_inputs = {name for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") for name in n.input}
-    matmul_inputs |= {n.input[0] for n in proto.graph.node if n.op_type == "Cast" and n.output[0] in matmul_inputs}
-    out = {"int8": 0, "matmul_float": 0, "matmul_float16": 0}
-    for t in proto.graph.initializer:
-        size = int(next((e.value for e in t.external_data if e.key == "length"), 0) or len(t.raw_data))
-        if t.data_type == onnx.TensorProto.INT8:
-            out["int8"] += size
-        elif t.name in matmul_inputs:
-            out["matmul_float16" if t.data_type == onnx.TensorProto.FLOAT16 else "matmul_float"] += size
-    return out
+    w = graph_weights(proto)
+    return {"int8": w["int8"] + w["int8_nbits"], "int8_nbits": w["int8_nbits"], "matmul_float": w["matmul_float32"],
+            "matmul_float16": w["matmul_float16"]}
 
 
 def _session(path, options, low_memory):

@@ -29,7 +29,8 @@ BLOCK_BYTES = 64 << 20
 ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "F64": "float64",
              "I64": "int64", "I32": "int32", "U8": "uint8"}
 ONNX_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-              onnx.TensorProto.INT8: "int8", onnx.TensorProto.INT64: "int64"}
+              onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT64: "int64"}
+QUANTIZED = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)  # uint8: int8 + 128, MatMulNBits' layout (nbits.py)
 
 
 class Checkpoint:
@@ -101,7 +102,8 @@ def param_specs(proto, params):
 
 
 def estimate_bytes(specs):
-    sizes = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.INT8: 1}
+    sizes = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.INT8: 1,
+             onnx.TensorProto.UINT8: 1}
     total = 0
     for _, _, elem, shape in specs.values():
         n = 1
@@ -146,7 +148,7 @@ class _Source:
                 self.scales[weight] = quantize_per_channel(self.ckpt.read(weight))[1]
             return self.scales.pop(weight)
         t = self.ckpt.read(state)
-        if elem == onnx.TensorProto.INT8 and t.is_floating_point():
+        if elem in QUANTIZED and t.is_floating_point():
             q, scale = quantize_per_channel(t)
             self.scales[state] = scale
             return q
@@ -170,27 +172,36 @@ def _source_shape(parts):
 
 def _write_parts(fh, parts, dtype, transposed):
     """Append the parts, concatenated along dim 0 (transposed: stored as the transpose of that), to `fh`."""
-    import torch
-
     if transposed:  # column blocks of the sources become row blocks of the stored tensor
+        import torch
+
         step = max(1, BLOCK_BYTES // max(1, sum(p.shape[0] for p in parts) * 4))
         for c in range(0, parts[0].shape[1], step):
-            block = torch.cat([p[:, c:c + step].to(dtype) for p in parts], dim=0)  # (sum out, step)
+            block = torch.cat([_cast(p[:, c:c + step], dtype) for p in parts], dim=0)  # (sum out, step)
             fh.write(block.t().contiguous().numpy().tobytes())
         return
     for t in parts:  # concatenation along dim 0 is consecutive bytes
         if t.dim() >= 2:
             step = max(1, BLOCK_BYTES // max(1, t[0].numel() * 4))
             for r in range(0, t.shape[0], step):
-                fh.write(t[r:r + step].to(dtype).contiguous().numpy().tobytes())
+                fh.write(_cast(t[r:r + step], dtype).contiguous().numpy().tobytes())
         else:
-            fh.write(t.to(dtype).contiguous().numpy().tobytes())
+            fh.write(_cast(t, dtype).contiguous().numpy().tobytes())
+
+
+def _cast(t, dtype):
+    """`t` as `dtype`; int8 -> uint8 is the +128 offset of MatMulNBits' zero point, not a wrap-around."""
+    import torch
+
+    if dtype == torch.uint8 and t.dtype == torch.int8:
+        return t.view(torch.uint8) ^ 0x80  # two's complement: q + 128 (mod 256) is q with its top bit flipped
+    return t.to(dtype)
 
 
 def _torch_dtype(elem):
     import torch
 
-    return {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8,
+    return {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8, "uint8": torch.uint8,
             "int64": torch.int64}[ONNX_TYPES[elem]]
 
 
@@ -213,6 +224,8 @@ def write_initializers(folder, protos, params_list, data_path):
         for name, parts in bar(zip(order, produced), total=len(order), desc="export weights", unit="tensor"):
             recipe, transposed, elem, shape = specs[name]
             expect = shape[::-1] if transposed else shape
+            if elem == onnx.TensorProto.UINT8 and len(expect) == 3:  # (N, K/bs, bs): row-major (N, K)
+                expect = [expect[0], expect[1] * expect[2]]
             if _source_shape(parts) != expect or any(list(p.shape[1:]) != expect[1:] for p in parts):
                 raise ModelFormatError(f"tensor {recipe}: shape {[list(p.shape) for p in parts]} in the "
                                        f"checkpoint, the config implies {expect} (config.json and the shards "

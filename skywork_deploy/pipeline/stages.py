@@ -155,11 +155,11 @@ def _smoke_session(bundle):
     """
     from ..memory import check_session_fits, mode_for
 
-    paths = [bundle.graph_path(g) for g in ("prefill", "decode")]
     is_int8 = bundle.dtype == "int8"
     choices = ["exact", "fast"] if is_int8 else [None]
     fit = None
     for accuracy in choices:
+        paths = [bundle.graph_path(g, accuracy) for g in ("prefill", "decode")]
         fit = check_session_fits(paths, mode_for(is_int8, int8_accuracy=accuracy), "the ONNX Runtime smoke run")
         if fit.fits:
             return {"one_session": True, **({"int8_accuracy": accuracy} if accuracy else {})}, None

@@ -40,12 +40,22 @@ class Bundle:
     def vocab_size(self):
         return int(self.manifest.get("vocab_size") or self.spec.vocab_size)
 
-    def graph_path(self, name):
-        """Path of the prefill or decode graph; a clear error when the bundle has none."""
+    def graph_variant(self, int8_accuracy):
+        """The pre-fused graph variant ("nbits", "nbits-exact") serving an int8 accuracy, or None (standard)."""
+        for variant, info in (self.manifest.get("graph_variants") or {}).items():
+            if int8_accuracy and info.get("int8_accuracy") == int8_accuracy:
+                return variant
+        return None
+
+    def graph_path(self, name, int8_accuracy=None):
+        """Path of the prefill or decode graph (the pre-fused variant for that int8 accuracy when the bundle
+        has one, export/nbits.py); a clear error when the bundle has none."""
         if self.kind != "export":
             raise ModelFormatError(f"{self.folder}: a model folder, not an export bundle: it has no ONNX graphs "
                                    "(run `skywork-deploy export` on it, or use --backend torch)")
-        info = (self.manifest.get("graphs") or {}).get(name) or {}
+        variant = self.graph_variant(int8_accuracy)
+        graphs = self.manifest["graph_variants"][variant] if variant else self.manifest.get("graphs") or {}
+        info = graphs.get(name) or {}
         path = self.folder / info.get("file", f"{name}.onnx")
         if not path.is_file():
             raise ModelFormatError(f"{path}: the {name} graph is missing from the bundle "

@@ -97,7 +97,7 @@ class OrtBackend(Backend):
         """
         from ..memory import check_session_fits, mode_for
 
-        paths = [self.bundle.graph_path(g) for g in ("prefill", "decode")]
+        paths = [self.bundle.graph_path(g, self.int8_accuracy) for g in ("prefill", "decode")]
         mode = mode_for(self.bundle.dtype == "int8", int8_accuracy=self.int8_accuracy)
         if one_session is None:
             both = check_session_fits(paths, mode, "two ONNX Runtime sessions (prefill + decode)", sessions=2)
@@ -117,7 +117,7 @@ class OrtBackend(Backend):
             self.sessions.clear()  # the other graph's session (and its packed weights) goes first
             gc.collect()
             _release_freed_memory()
-        path = self.bundle.graph_path(graph)
+        path = self.bundle.graph_path(graph, self.int8_accuracy)
         try:
             self.sessions[graph] = ort.InferenceSession(str(path), self._opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile...)
@@ -132,7 +132,7 @@ class OrtBackend(Backend):
             return {i.name: i.type for i in sess.get_inputs()}, [o.name for o in sess.get_outputs()]
         import onnx
 
-        proto = onnx.load(str(self.bundle.graph_path(graph)), load_external_data=False)
+        proto = onnx.load(str(self.bundle.graph_path(graph, self.int8_accuracy)), load_external_data=False)
         types = {onnx.TensorProto.FLOAT: "tensor(float)", onnx.TensorProto.FLOAT16: "tensor(float16)",
                  onnx.TensorProto.INT64: "tensor(int64)"}
         inits = {t.name for t in proto.graph.initializer}
@@ -151,13 +151,15 @@ class OrtBackend(Backend):
             have_in, have_out = io[graph]
             missing = [n for n in inputs if n not in have_in] + [n for n in outputs if n not in have_out]
             if missing:
-                raise ModelFormatError(f"{self.bundle.graph_path(graph)}: missing graph input/output "
-                                       f"{missing[0]!r} ({len(missing)} missing; re-export the bundle)")
+                path = self.bundle.graph_path(graph, self.int8_accuracy)
+                raise ModelFormatError(f"{path}: missing graph input/output {missing[0]!r} ({len(missing)} "
+                                       "missing; re-export the bundle)")
         self.kv_dtype = NP_TYPES.get(io["decode"][0][self.past[0]], np.float32)
 
     def describe(self):
         return {**super().describe(), "threads": self.threads, "io_binding": self.io_binding,
                 "kv_in_place": self.kv_in_place, "int8_accuracy": self.int8_accuracy,
+                "graph_variant": self.bundle.graph_variant(self.int8_accuracy),
                 "one_session": self.one_session, "memory": self.memory.as_dict()}
 
     # -- steps ---------------------------------------------------------------------------------------------
