@@ -150,26 +150,22 @@ def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, 
                 simplified[kind] = {"applied": False, "nodes_before": n, "nodes_after": n,
                                     "message": "--no-simplify"}
         timing["simplify"] = _lap(start, timing)
-        variants = _nbits_variants(protos, params_list) if dtype == "int8" and int8_format == "standard" else {}
+        # int8 standard: weights in MatMulNBits' layout and the pre-fused graphs over them (same params)
+        fused = _prefused(protos, params_list) if dtype == "int8" and int8_format == "standard" else []
         specs = {}
         for proto, params in zip(protos, params_list):
             specs.update(weights.param_specs(proto, params))
-        for graphs_, params_ in variants.values():
-            for proto, params in zip(graphs_, params_):
-                specs.update(weights.param_specs(proto, params))
         need = int(weights.estimate_bytes(specs) * 1.05) + (64 << 20)
         _check_disk(out, need)
         trace_seconds = time.perf_counter() - start
         with atomic_output_dir(out, overwrite=overwrite, inputs=[src]) as tmp:
-            extra = [(g, p) for graphs_, params_ in variants.values() for g, p in zip(graphs_, params_)]
-            data_bytes = weights.write_initializers(folder, protos + [g for g, _ in extra],
-                                                    params_list + [p for _, p in extra], tmp / weights.DATA_FILE)
+            fused_params = params_list if fused else []
+            data_bytes = weights.write_initializers(folder, protos + fused, params_list + fused_params,
+                                                    tmp / weights.DATA_FILE)
             timing["weights"] = _lap(start, timing)
             files = {f"{kind}.onnx": proto for kind, proto in zip(GRAPHS, protos)}
-            for variant, (graphs_, _) in variants.items():
-                files.update({_variant_file(kind, variant): proto for kind, proto in zip(GRAPHS, graphs_)})
-                for kind, proto in zip(GRAPHS, graphs_):  # same nodes and weights, fp32 arithmetic
-                    files[_variant_file(kind, "nbits-exact")] = nbits.set_accuracy(proto, nbits.VARIANTS["nbits-exact"])
+            for kind, proto in zip(GRAPHS, fused):
+                files.update({_variant_file(kind, v): g for v, g in nbits.variants(proto).items()})
             for name, proto in files.items():
                 onnx.save_model(proto, str(tmp / name))
                 onnx.checker.check_model(str(tmp / name))
@@ -211,18 +207,15 @@ def _mode_paths(bundle, variant):
     return paths if paths and all(p.is_file() for p in paths) else [bundle / f"{k}.onnx" for k in GRAPHS]
 
 
-def _nbits_variants(protos, params_list):
-    """int8 standard graphs: weights in MatMulNBits' layout (in place) and the pre-fused graphs over them.
-
-    {"nbits": ([prefill, decode], [their params])}, empty when no projection's K has a block size (nbits.py).
-    The accuracy-level-0 copies ("nbits-exact") are made after the weights are attached.
-    """
+def _prefused(protos, params_list):
+    """int8 standard graphs: weights in MatMulNBits' layout (in place); returns the pre-fused [prefill, decode]
+    over the same params, or [] when no projection's K has a block size (nbits.py). Their accuracy-level
+    copies (nbits.variants) are made once the weights are attached."""
     from . import nbits
 
     if not all(nbits.to_nbits_storage(proto, params) for proto, params in zip(protos, params_list)):
-        return {}
-    graphs_ = [nbits.prefused(proto, params, nbits.VARIANTS["nbits"]) for proto, params in zip(protos, params_list)]
-    return {"nbits": (graphs_, params_list)}
+        return []
+    return [nbits.prefused(proto, params, nbits.VARIANTS["nbits"][1]) for proto, params in zip(protos, params_list)]
 
 
 def _lap(start, timing=None):
@@ -246,6 +239,7 @@ def _validate(bundle, folder, dtype, int8_format, spec, seq_lens, protos):
     import onnx
 
     from . import int8, validate as v, weights
+    from ..memory import graph_weights
     from ..reference import fp32_model_bytes
 
     seq = seq_lens[0] if seq_lens else v.PROMPT_LEN
@@ -261,8 +255,8 @@ def _validate(bundle, folder, dtype, int8_format, spec, seq_lens, protos):
     # standard graphs with ONNX Runtime's load-time fusion
     paths = {mode: _mode_paths(bundle, variants.get(mode)) for mode, _, _ in modes}
     data_bytes = (bundle / weights.DATA_FILE).stat().st_size
-    sizes = {mode: v.weight_bytes(protos[0] if int8_format == "vacc" else
-                                  onnx.load(str(paths[mode][0]), load_external_data=False)) for mode, _, _ in modes}
+    sizes = {mode: graph_weights(protos[0] if int8_format == "vacc" else
+                                 onnx.load(str(paths[mode][0]), load_external_data=False)) for mode, _, _ in modes}
     skipped_modes = {mode: why for mode, options, _ in modes
                      if (why := v.ort_fits(data_bytes, sizes[mode], options, is_int8))}
     how, why_ref = v.choose_reference(fp32_model_bytes(folder))
@@ -295,7 +289,7 @@ def _validate(bundle, folder, dtype, int8_format, spec, seq_lens, protos):
                 log.warning("validation mode %r skipped: %s", mode, skipped_modes[mode])
                 continue
             clock = time.perf_counter()
-            chain = v.decode_steps(options, sizes[mode]["int8"])
+            chain = v.decode_steps(options, sizes[mode]["int8"] + sizes[mode]["int8_nbits"])
             if chain < v.DECODE_STEPS:
                 decode_steps_by_mode[mode] = chain
             steps, nonfinite = v.run_chain(*paths[mode], spec.num_layers, spec.vocab_size, seq, options,
@@ -331,10 +325,10 @@ def _manifest(bundle, src, spec, dtype, int8_format, seq_lens, ort_ops, protos, 
 
     float_type = "float16" if dtype == "fp16" else "float32"
     variants = {}  # pre-fused MatMulNBits graphs over the same data file (nbits.py), by runtime accuracy
-    for variant, level in nbits.VARIANTS.items():
+    for variant, (accuracy, level) in nbits.VARIANTS.items():
         files = {kind: _variant_file(kind, variant) for kind in GRAPHS}
         if all((bundle / f).is_file() for f in files.values()):
-            variants[variant] = {"accuracy_level": level, "int8_accuracy": {4: "fast", 0: "exact-nbits"}[level],
+            variants[variant] = {"accuracy_level": level, "int8_accuracy": accuracy,
                                  **{kind: {"file": f, "sha256": sha256_file(bundle / f)} for kind, f in files.items()}}
     graph_info = {}
     for kind, proto in zip(GRAPHS, protos):

@@ -30,7 +30,8 @@ from .int8 import TRANSPOSED
 
 BLOCK_MIN, BLOCK_MAX = 16, 128
 SUFFIX, BLOCKS = ".u8", ".blocks"
-VARIANTS = {"nbits": 4, "nbits-exact": 0}  # graph-file suffix -> MatMulNBits accuracy_level
+# graph-file suffix -> (the runtime's --int8-accuracy it serves, MatMulNBits accuracy_level)
+VARIANTS = {"nbits": ("fast", 4), "nbits-exact": ("exact-nbits", 0)}
 MS_DOMAIN = "com.microsoft"
 
 
@@ -161,15 +162,16 @@ def _drop_unused_constants(proto):
     replace_nodes(proto, [n for n in proto.graph.node if n.op_type != "Constant" or n.output[0] in read])
 
 
-def set_accuracy(proto, accuracy_level):
-    """A copy of a pre-fused graph (weights attached) whose MatMulNBits use `accuracy_level`."""
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    for node in out.graph.node:
-        if node.op_type == "MatMulNBits":
-            for a in node.attribute:
+def variants(proto):
+    """{graph-file suffix: copy of a pre-fused graph (weights attached) at that variant's accuracy level}."""
+    out = {}
+    for variant, (_, level) in VARIANTS.items():
+        out[variant] = onnx.ModelProto()
+        out[variant].CopyFrom(proto)
+        for node in out[variant].graph.node:
+            for a in node.attribute if node.op_type == "MatMulNBits" else ():
                 if a.name == "accuracy_level":
-                    a.i = accuracy_level
+                    a.i = level
     return out
 
 

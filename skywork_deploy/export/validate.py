@@ -153,7 +153,8 @@ def _whole_logits(folder, int8, ids, mask, pos):
 
 
 def session_estimate(data_bytes, weights, options, int8):
-    """Peak bytes of one validation session (skywork_deploy.memory's estimate); `weights` from weight_bytes.
+    """Peak bytes of one validation session (skywork_deploy.memory's estimate); `weights` from
+    memory.graph_weights (its "other" is recomputed from the data file's size).
 
     Float graphs run here without prepacking (LOW_MEMORY_SESSION): their fp32 weights stay in ORT's read-only
     mapping of the data file. int8 graphs keep prepacking, as the runtime does (MatMulNBits packs the int8
@@ -162,10 +163,9 @@ def session_estimate(data_bytes, weights, options, int8):
     """
     from ..memory import mode_for, session_bytes
 
-    nbits = weights.get("int8_nbits", 0)
-    w = {"int8": weights.get("int8", 0) - nbits, "int8_nbits": nbits, "matmul_float32": weights.get("matmul_float", 0),
-         "matmul_float16": weights.get("matmul_float16", 0)}
-    w["other"] = max(0, data_bytes - sum(w.values()))
+    held = ("int8", "int8_nbits", "matmul_float32", "matmul_float16")
+    w = {k: weights.get(k, 0) for k in held + ("largest_matmul_float16",)}
+    w["other"] = max(0, data_bytes - sum(w[k] for k in held))
     return session_bytes(w, mode_for(int8, {**({} if int8 else LOW_MEMORY_SESSION), **options}))
 
 
@@ -176,16 +176,6 @@ def ort_fits(data_bytes, weights, options, int8, available=None):
     fit = Fit("an ONNX Runtime session", session_estimate(data_bytes, weights, options, int8),
               available_bytes() if available is None else available, ORT_MAX_FRACTION)
     return None if fit.fits else fit.message
-
-
-def weight_bytes(proto):
-    """{"int8", "int8_nbits", "matmul_float", "matmul_float16"}: int8/uint8 initializer bytes (those a pre-fused
-    MatMulNBits reads apart), and the fp32/fp16 ones read by MatMul/Gemm."""
-    from ..memory import graph_weights
-
-    w = graph_weights(proto)
-    return {"int8": w["int8"] + w["int8_nbits"], "int8_nbits": w["int8_nbits"], "matmul_float": w["matmul_float32"],
-            "matmul_float16": w["matmul_float16"]}
 
 
 def _session(path, options, low_memory):
