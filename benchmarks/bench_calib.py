@@ -101,7 +101,7 @@ def main():
 
     import skywork_deploy.calib.stage  # noqa: F401
     import skywork_deploy.patch  # noqa: F401
-    from skywork_deploy.synth import write_r1_tokenizer
+    from skywork_deploy.base.synth import write_r1_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="bench-calib-") as tmp:
         tmp = Path(tmp)

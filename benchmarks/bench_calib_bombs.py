@@ -109,7 +109,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=None, help="bomb file names to run (default: all)")
     args = parser.parse_args()
-    from skywork_deploy.synth import make_random_qwen2
+    from skywork_deploy.base.synth import make_random_qwen2
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-bombs-") as tmp:

@@ -23,13 +23,13 @@ CASES = {"q05": ("qwen2.5-0.5b", 24), "7b-2": ("skywork-or1-7b", 2), "7b-4": ("s
 
 
 def weight_bytes_fp32(folder):
-    from skywork_deploy.spec import ModelSpec
+    from skywork_deploy.base.spec import ModelSpec
 
     return ModelSpec.from_folder(folder).num_parameters * 4
 
 
 def run_case(work, case, dtype):
-    from skywork_deploy.synth import write_r1_tokenizer
+    from skywork_deploy.base.synth import write_r1_tokenizer
 
     preset, layers = CASES[case]
     ckpt = work / f"{case}-ckpt"

@@ -32,7 +32,7 @@ GIB = 2 ** 30
 def _ckpt(case):
     from bench_export import CASES
     from bench_quantize import write_checkpoint
-    from skywork_deploy.synth import write_r1_tokenizer
+    from skywork_deploy.base.synth import write_r1_tokenizer
 
     ckpt = WORK / f"{case}-ckpt"
     if not (ckpt / "model.safetensors.index.json").is_file():

@@ -60,7 +60,7 @@ def make_checkpoint(dst, shape, layers, shards, seed=0):
     from safetensors.torch import save_file
     from transformers import Qwen2Config
 
-    from skywork_deploy.synth import PRESETS, write_r1_tokenizer
+    from skywork_deploy.base.synth import PRESETS, write_r1_tokenizer
 
     dst = Path(dst)
     dst.mkdir(parents=True)
@@ -190,8 +190,8 @@ def session_memory(bundle):
 
 
 def session_estimates(bundle, dtype):
-    """What skywork_deploy.memory says one session of each kind needs (GiB), from the graph alone."""
-    from skywork_deploy import memory
+    """What skywork_deploy.base.memory says one session of each kind needs (GiB), from the graph alone."""
+    from skywork_deploy.base import memory
 
     graphs = [Path(bundle) / f"{k}.onnx" for k in ("prefill", "decode")]
     modes = ("int8-fused", "int8-unfused") if dtype == "int8" else ("float",)
@@ -297,7 +297,7 @@ def markdown(result):
                          f"{f['peak_gib_per_layer']} | {f[f'peak_gib_at_{full}']} |")
         need = s.get(f"session_estimate_gib_at_{full}") or {}
         if need:
-            lines.append(f"\nOne ONNX Runtime session at {full} layers (skywork_deploy.memory's estimate, GiB): "
+            lines.append(f"\nOne ONNX Runtime session at {full} layers (skywork_deploy.base.memory's estimate, GiB): "
                          + ", ".join(f"{m} {v}" for m, v in need.items()))
         lines.append(f"\nsweep {s['dtype']}: wall = {s['wall_fit']['a']} + {s['wall_fit']['b_per_layer']} s/layer, "
                      f"peak = {s['peak_fit']['a']} + {s['peak_fit']['b_per_layer']} GiB/layer; "

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from skywork_deploy.patch import patch_model, revert
-from skywork_deploy.synth import PRESETS, write_r1_tokenizer
+from skywork_deploy.base.synth import PRESETS, write_r1_tokenizer
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -35,8 +35,8 @@ CASES = [("qwen2.5-0.5b", 2), ("qwen2.5-0.5b", 4), ("qwen2.5-0.5b", 24), ("skywo
 OVERHEAD_CODE = "import torch, safetensors, safetensors.torch"
 BASELINE_CODE = (
     "import json, sys, time, torch\n"
-    "from skywork_deploy.modeling import load_model\n"
-    "from skywork_deploy.fsutil import peak_rss_bytes\n"
+    "from skywork_deploy.base.modeling import load_model\n"
+    "from skywork_deploy.base.fsutil import peak_rss_bytes\n"
     "t = time.perf_counter()\n"
     "model = load_model(sys.argv[1], 'bf16').quantize(8)\n"
     "n = sum(p.numel() for p in model.parameters())\n"
@@ -68,7 +68,7 @@ def write_checkpoint(folder, preset, layers, seed=0):
     """A random bf16 Qwen2 checkpoint written tensor by tensor into ~2 GB safetensors shards."""
     import torch
 
-    from skywork_deploy.synth import PRESETS
+    from skywork_deploy.base.synth import PRESETS
 
     folder.mkdir(parents=True)
     cfg = {**PRESETS[preset], "num_hidden_layers": layers, "architectures": ["Qwen2ForCausalLM"],

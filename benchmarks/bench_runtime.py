@@ -36,7 +36,7 @@ VARIANTS = [  # (name, bundle dtype, options, repeats scale)
 def prepare(workdir, preset="qwen2.5-0.5b"):
     """The random checkpoint and its fp32 and int8 (standard) bundles, built once in `workdir`."""
     from skywork_deploy.export import export_model
-    from skywork_deploy.synth import make_random_qwen2
+    from skywork_deploy.base.synth import make_random_qwen2
 
     workdir = Path(workdir)
     model = workdir / "model"

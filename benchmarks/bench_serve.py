@@ -23,7 +23,7 @@ RESULTS = Path(__file__).parent / "results" / "serve.json"
 
 def prepare(workdir, preset="qwen2.5-0.5b"):
     from skywork_deploy.export import export_model
-    from skywork_deploy.synth import make_random_qwen2
+    from skywork_deploy.base.synth import make_random_qwen2
 
     workdir = Path(workdir)
     model, out = workdir / "model", workdir / "bundle-int8"

@@ -68,7 +68,7 @@ def run():
     from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
     from skywork_deploy.patch import patch_model
-    from skywork_deploy.synth import make_random_qwen2
+    from skywork_deploy.base.synth import make_random_qwen2
 
     major = int(transformers.__version__.split(".")[0])
     kwargs = {"attn_implementation": "eager", ("dtype" if major >= 5 else "torch_dtype"): torch.float32}

@@ -104,7 +104,7 @@ def compare_logits(ref_path, other_path):
 
     Compares the positions both files hold: all of them, or the last one when a graph returns only that.
     """
-    from skywork_deploy.agreement import logit_agreement
+    from skywork_deploy.base.agreement import logit_agreement
 
     ref, other = np.load(ref_path), np.load(other_path)
     n = min(len(ref), len(other))

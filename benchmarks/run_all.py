@@ -46,7 +46,7 @@ def log(msg):
 def make_checkpoint(folder, preset, layers):
     """A random bf16 checkpoint written tensor by tensor (bench_quantize's writer) plus the R1 tokenizer."""
     from bench_quantize import write_checkpoint
-    from skywork_deploy.synth import write_r1_tokenizer
+    from skywork_deploy.base.synth import write_r1_tokenizer
 
     folder = Path(folder)
     if (folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file():

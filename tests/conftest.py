@@ -33,7 +33,7 @@ def tiny_model_factory(tmp_path_factory):
     With tokenizer=True the vocabulary is the real Qwen BPE (151,936 rows); without, 1,024 rows.
     Callers that modify the folder must copy it first (`copy_model`).
     """
-    from skywork_deploy.synth import make_random_qwen2
+    from skywork_deploy.base.synth import make_random_qwen2
 
     cache = {}
 

@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from ..errors import DataFormatError, InputError
+from ..base.errors import DataFormatError, InputError
 from .render import render_alpaca, render_ceval
 from .safeio import FILE_CAP, MEMBER_CAP, ItemBudget, ZipBudget, iter_lines, open_zip, read_file_capped
 

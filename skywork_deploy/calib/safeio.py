@@ -14,7 +14,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from ..errors import DataFormatError
+from ..base.errors import DataFormatError
 
 MiB = 1 << 20
 LINE_CAP = 16 * MiB              # one JSON Lines record (a C4 document is a few KiB)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import DataFormatError, InputError
+from ..base.errors import DataFormatError, InputError
 from .readers import iter_c4_texts
 from .safeio import iter_lines
 

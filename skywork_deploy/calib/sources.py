@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError, NetworkError
+from ..base.errors import InputError, NetworkError
 
 HUB_IDS = {"c4": "allenai/c4", "ceval": "ceval/ceval-exam", "alpaca": "yahma/alpaca-cleaned"}
 HUB_DEFAULT_FILES = {"c4": "en/c4-train.00000-of-01024.json.gz", "alpaca": "alpaca_data_cleaned.json"}
@@ -63,7 +63,7 @@ def resolve_sources(dataset, given, split="val"):
 
 
 def download(dataset, text, split):
-    from ..hub import offline_reason
+    from ..base.hub import offline_reason
 
     m = HUB_ID.match(text)
     repo, filename = m["repo"], m["file"]

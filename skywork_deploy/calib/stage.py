@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, ModelFormatError
-from ..fsutil import atomic_output_dir, check_output, sha256_file
-from ..manifest import read_manifest, write_manifest
-from ..spec import tokenizer_files
+from ..base.errors import InputError, ModelFormatError
+from ..base.fsutil import atomic_output_dir, check_output, sha256_file
+from ..base.manifest import read_manifest, write_manifest
+from ..base.spec import tokenizer_files
 from . import readers, sampling
 from .sources import resolve_sources
 
@@ -188,7 +188,7 @@ def read_calib_manifest(path_or_folder):
     calib = folder / data.get("output", {}).get("file", CALIB_FILE)
     if not calib.is_file():
         raise InputError(f"{calib}: missing; the calibration set is incomplete (re-run skywork-deploy calib)")
-    from ..spec import read_safetensors_header
+    from ..base.spec import read_safetensors_header
 
     header = read_safetensors_header(calib)
     shape = header.get("input_ids", {}).get("shape")

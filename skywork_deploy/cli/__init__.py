@@ -85,7 +85,7 @@ def cli(verbose, quiet):
       skywork-deploy patch ./Skywork-OR1-7B-Preview
       skywork-deploy compile ./Skywork-OR1-7B-Preview --dtype int8 --dry-run
     """
-    from ..verbosity import configure
+    from ..base.verbosity import configure
 
     configure(verbose, quiet)  # our logs, the libraries' logs and bars; progress bars on a terminal only
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import click
 
-from ..quantize_report import MAX_KL, MIN_TOP1
+from ..quantize.report import MAX_KL, MIN_TOP1
 from .compile import parse_sizes, removed_seq_lens
 from .common import EXIT_USAGE, CommandError, check_path, emit_json, handle_errors, json_option, parse_int_list, stage_echo
 
@@ -74,7 +74,7 @@ def build(model, config_file, dtype, out, demo, calib_dataset, calib_source, nsa
           --calib-dataset c4 --calib-source ./c4/en --nsamples 128 --seqlen 1024
       skywork-deploy build -c build.yaml --json
     """
-    from ..errors import ConfigError, DeployError
+    from ..base.errors import ConfigError, DeployError
     from ..pipeline import BuildRejected, BuildSettings, run_build
     from ..pipeline.demo import demo_settings, ensure_demo_model
 

@@ -41,7 +41,7 @@ def calib(dataset, sources, model, nsamples, seqlen, seed, split, allow_packing,
     """
     from .. import calib as stage
     from ..calib.stage import summary_lines
-    from ..progress import bar as progress_bar
+    from ..base.progress import bar as progress_bar
 
     bar = progress_bar(desc="calib: reading", unit="B", unit_scale=True)
 

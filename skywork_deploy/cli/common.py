@@ -14,8 +14,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import DeployError, UsageError
-from ..manifest import MANIFEST_NAME
+from ..base.errors import DeployError, UsageError
+from ..base.manifest import MANIFEST_NAME
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
@@ -126,7 +126,7 @@ def emit_json(data):
 
 def stage_echo():
     """Print a `[stage] ...` progress line on stderr (silent with -q)."""
-    from ..verbosity import stage_lines
+    from ..base.verbosity import stage_lines
 
     return (lambda text: click.echo(text, err=True)) if stage_lines() else (lambda text: None)
 

@@ -1,7 +1,7 @@
-"""`skywork-deploy compile`: thin CLI over skywork_deploy.compile_config and skywork_deploy.vamc."""
+"""`skywork-deploy compile`: thin CLI over skywork_deploy.compile.config and skywork_deploy.compile.vamc."""
 import click
 
-from ..compile_config import DTYPES, CompileSettings
+from ..compile.settings import DTYPES, CompileSettings
 from .common import PathArg, emit_json, finite_number, handle_errors, json_option
 
 VAMC_ENV_VAR = "SKYWORK_DEPLOY_VAMC"
@@ -19,8 +19,8 @@ def removed_seq_lens(ctx, param, value):
 
 def parse_sizes(ctx, param, value):
     """Click callback: ('1024:2048', '2048:4096') -> [(1024, 2048), (2048, 4096)]."""
-    from ..compile_config import parse_size
-    from ..errors import ConfigError
+    from ..compile.settings import parse_size
+    from ..base.errors import ConfigError
 
     try:
         return [parse_size(v) for v in value] or None
@@ -90,8 +90,8 @@ def compile_(ctx, model, dtype, tp, max_input_len, max_seq_len, sizes, align_qkv
       skywork-deploy compile ./or1-7b-vacc --dtype int8 --tp 8 --size 2048:16384 --size 4096:32768
       SKYWORK_DEPLOY_VAMC=/opt/vastai/bin/vamc skywork-deploy compile ./or1-32b-vacc --dtype int8 --tp 8
     """
-    from ..compile_config import expand_sizes
-    from ..vamc import compile_models, default_echo
+    from ..compile.settings import expand_sizes
+    from ..compile.vamc import compile_models, default_echo
 
     if sizes and (max_input_len is not None or max_seq_len is not None):
         raise click.UsageError("--size: give the sizes either as --size IN:TOTAL or as --max-input-len and "

@@ -3,7 +3,7 @@ import logging
 
 import click
 
-from ..quantize_report import MAX_KL, MIN_TOP1
+from ..quantize.report import MAX_KL, MIN_TOP1
 from .common import PathArg, emit_json, handle_errors, json_option
 
 
@@ -45,7 +45,7 @@ def quantize(model, out, bits, include_lm_head, evaluate, min_top1, max_kl, max_
       skywork-deploy quantize ./or1-7b-vacc -o ./or1-7b-vacc-w8 --no-eval
     """
     from .. import quantize as stage
-    from ..quantize_report import format_table
+    from ..quantize.report import format_table
 
     progress = logging.getLogger().isEnabledFor(logging.WARNING)
     result = stage.quantize_model(model, out, bits=bits, include_lm_head=include_lm_head, evaluate=evaluate,

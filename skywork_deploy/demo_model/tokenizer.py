@@ -2,7 +2,7 @@
 digits split one per token, DeepSeek-R1's special tokens and chat template (as Skywork-OR1 uses)."""
 from pathlib import Path
 
-from ..synth import BOS, R1_SPECIAL_TOKENS, write_r1_tokenizer_config
+from ..base.synth import BOS, R1_SPECIAL_TOKENS, write_r1_tokenizer_config
 
 
 def train_tokenizer(texts, vocab_size):

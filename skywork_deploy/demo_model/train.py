@@ -13,7 +13,7 @@ import random
 import time
 from pathlib import Path
 
-from ..synth import BOS, EOS
+from ..base.synth import BOS, EOS
 from . import problems as P
 from .tokenizer import render_prompt, save_tokenizer, train_tokenizer
 
@@ -99,7 +99,7 @@ def train(out, seed=0, steps=1500, batch_size=32, lr=3e-3, threads=1, eval_every
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from ..fsutil import atomic_output_dir
+    from ..base.fsutil import atomic_output_dir
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)

@@ -8,7 +8,7 @@ fits and says why the rest was skipped.
 """
 from pathlib import Path
 
-from ..fsutil import sha256_file, write_json
+from ..base.fsutil import sha256_file, write_json
 from .datasets import load_problems
 from .runner import run_eval
 from .targets import BundleTarget

@@ -9,7 +9,7 @@ import csv
 import json
 from pathlib import Path
 
-from ..errors import DataFormatError, InputError, NetworkError
+from ..base.errors import DataFormatError, InputError, NetworkError
 
 PROBLEM_KEYS = ("problem", "question", "Problem", "Question", "prompt", "input")
 ANSWER_KEYS = ("answer", "Answer", "final_answer", "expected_answer", "gold", "target",

@@ -11,8 +11,8 @@ import math
 import time
 from math import comb
 
-from ..errors import ConfigError
-from ..progress import bar
+from ..base.errors import ConfigError
+from ..base.progress import bar
 from .scoring import CORRECT, GOLD_UNPARSABLE, STATUSES, parse_gold, score
 
 SKYWORK_SAMPLING = {"temperature": 0.6, "top_p": 0.95}
@@ -127,7 +127,7 @@ def run_eval(target, problems, reference=None, samples=1, max_tokens=512, temper
 
 
 def write_rows(path, rows, ref_rows=None):
-    from ..fsutil import write_text
+    from ..base.fsutil import write_text
 
     lines = []
     for i, row in enumerate(rows):

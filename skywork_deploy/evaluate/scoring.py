@@ -7,7 +7,7 @@ counted as unparsable, separately from right and wrong.
 """
 import threading
 
-from ..errors import BackendUnavailableError
+from ..base.errors import BackendUnavailableError
 
 THINK_END = "</think>"
 CORRECT, WRONG = "correct", "wrong"

@@ -8,7 +8,7 @@ user message.
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 
 
 @dataclass

@@ -4,7 +4,7 @@
 """
 from onnx import helper
 
-from ..errors import ModelFormatError
+from ..base.errors import ModelFormatError
 
 
 def index(proto):

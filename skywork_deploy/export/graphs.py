@@ -24,7 +24,7 @@ def skeleton(folder, dtype="fp32", int8=False):
     """Our Qwen2ForCausalLM for `folder` with uninitialised weights (no file is read but config.json)."""
     import torch
 
-    from ..modeling import torch_dtype
+    from ..base.modeling import torch_dtype
     from ..source_code.configuration_qwen2_vacc import Qwen2Config
     from ..source_code.modeling_qwen2_vacc import Qwen2ForCausalLM
 
@@ -107,7 +107,7 @@ def trace(model, kind, seq=None, attempts=3):
     A trace that defines a name twice (the exporter's value-based dedup of parameters did this before it was
     turned off) is detected and traced again, then refused with a clear error.
     """
-    from ..errors import ModelFormatError
+    from ..base.errors import ModelFormatError
 
     for attempt in range(attempts):
         proto, params = _trace_once(model, kind, seq)

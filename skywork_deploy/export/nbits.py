@@ -24,7 +24,7 @@ has no such divisor keeps the int8 DequantizeLinear form (and ONNX Runtime's loa
 import onnx
 from onnx import helper
 
-from ..errors import DeployError
+from ..base.errors import DeployError
 from .edit import drop_unused_inputs, index, replace_nodes
 from .int8 import TRANSPOSED
 

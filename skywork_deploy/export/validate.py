@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from ..agreement import logit_agreement
+from ..base.agreement import logit_agreement
 
 log = logging.getLogger(__name__)
 DECODE_STEPS = 8
@@ -90,7 +90,7 @@ def tolerance(kind, ref):
 
 
 def available_bytes():
-    from ..memory import available_bytes as available
+    from ..base.memory import available_bytes as available
 
     return available()
 
@@ -99,7 +99,7 @@ def choose_reference(fp32_bytes, available=None):
     """("whole" | "streamed", why): the environment override, else whether the fp32 model fits the budget."""
     forced = os.environ.get(REFERENCE_ENV, "auto").strip().lower() or "auto"
     if forced not in REFERENCES:
-        from ..errors import ConfigError
+        from ..base.errors import ConfigError
 
         raise ConfigError(f"{REFERENCE_ENV}={forced}: choose one of {', '.join(REFERENCES)}")
     if forced != "auto":
@@ -119,8 +119,8 @@ def reference_logits(folder, int8, vocab, seq_len, how):
     full_mask = np.concatenate([mask, np.ones_like(forced)], axis=1)
     full_pos = positions(full_mask)
     if how == "streamed":
-        from ..reference import streamed_logits
-        from ..spec import read_config
+        from ..base.reference import streamed_logits
+        from ..base.spec import read_config
 
         quantized = bool(read_config(folder).get("quantization_config"))
         logits = streamed_logits(folder, [(full_ids, full_mask, full_pos)], last=DECODE_STEPS + 1,
@@ -134,7 +134,7 @@ def reference_logits(folder, int8, vocab, seq_len, how):
 def _whole_logits(folder, int8, ids, mask, pos):
     import torch
 
-    from ..modeling import load_model, load_reference
+    from ..base.modeling import load_model, load_reference
 
     if int8:
         model = load_model(folder, "fp32", insert_slice=False)
@@ -153,7 +153,7 @@ def _whole_logits(folder, int8, ids, mask, pos):
 
 
 def session_estimate(data_bytes, weights, options, int8):
-    """Peak bytes of one validation session (skywork_deploy.memory's estimate); `weights` from
+    """Peak bytes of one validation session (skywork_deploy.base.memory's estimate); `weights` from
     memory.graph_weights (its "other" is recomputed from the data file's size).
 
     Float graphs run here without prepacking (LOW_MEMORY_SESSION): their fp32 weights stay in ORT's read-only
@@ -161,7 +161,7 @@ def session_estimate(data_bytes, weights, options, int8):
     weights once; `session.disable_quant_qdq` folds them to fp32, 4x). 7B-shaped 2-layer int8 prefill:
     4.64 GiB peak, unfused 5.88 (benchmarks/results/ort_session_memory.json).
     """
-    from ..memory import mode_for, session_bytes
+    from ..base.memory import mode_for, session_bytes
 
     held = ("int8", "int8_nbits", "matmul_float32", "matmul_float16")
     w = {k: weights.get(k, 0) for k in held + ("largest_matmul_float16",)}
@@ -171,7 +171,7 @@ def session_estimate(data_bytes, weights, options, int8):
 
 def ort_fits(data_bytes, weights, options, int8, available=None):
     """None when a session should fit, else the reason to skip it ("needs X GiB, have Y GiB")."""
-    from ..memory import Fit
+    from ..base.memory import Fit
 
     fit = Fit("an ONNX Runtime session", session_estimate(data_bytes, weights, options, int8),
               available_bytes() if available is None else available, ORT_MAX_FRACTION)
@@ -181,7 +181,7 @@ def ort_fits(data_bytes, weights, options, int8, available=None):
 def _session(path, options, low_memory):
     import onnxruntime as ort
 
-    from ..verbosity import ort_severity
+    from ..base.verbosity import ort_severity
 
     so = ort.SessionOptions()
     so.log_severity_level = ort_severity()  # errors only unless -v / -vv
@@ -199,7 +199,7 @@ def run_chain(prefill_path, decode_path, num_layers, vocab, seq_len, options, fl
     One session at a time: the prefill session is freed (its presents kept as NumPy) before the decode one.
     A progress bar `desc` counts the steps (prefill + decodes, each with its session load).
     """
-    from ..progress import bar
+    from ..base.progress import bar
 
     ids, mask, forced = make_inputs(vocab, seq_len)
     decodes = min(steps, DECODE_STEPS)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import onnx
 
-from ..errors import ModelFormatError
-from ..progress import bar
-from ..spec import checkpoint_files
+from ..base.errors import ModelFormatError
+from ..base.progress import bar
+from ..base.spec import checkpoint_files
 from .edit import attr, bypass, index
 from .int8 import Rows
 

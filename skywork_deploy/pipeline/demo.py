@@ -46,7 +46,7 @@ def ensure_demo_model(folder):
     if Path(folder).resolve() == demo_model_path().resolve():
         return Path(folder)
     if not (Path(folder) / "config.json").is_file():
-        from ..errors import ModelFormatError
+        from ..base.errors import ModelFormatError
 
         raise ModelFormatError(f"{folder}: no config.json (the demo model is {demo_model_path()})")
     return Path(folder)

@@ -16,9 +16,9 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import DeployError, InputError
-from ..fsutil import check_not_input, folder_lock, read_marker, sha256_file, write_json, written_by_us
-from ..manifest import FORMAT, make_manifest
+from ..base.errors import DeployError, InputError
+from ..base.fsutil import check_not_input, folder_lock, read_marker, sha256_file, write_json, written_by_us
+from ..base.manifest import FORMAT, make_manifest
 from ..version import __version__
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def stage_key(name, options, upstream):
 def folder_fingerprint(folder):
     """A model folder's identity without reading its weights: small files by content; weight files by name,
     size and the sha256 of their safetensors header (which names every tensor with its shape and offsets)."""
-    from ..spec import read_safetensors_header
+    from ..base.spec import read_safetensors_header
 
     h = hashlib.sha256()
     for path in sorted(Path(folder).iterdir()):

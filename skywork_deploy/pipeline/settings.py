@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 
 DTYPES = ("fp16", "int8")
 CALIB_DATASETS = ("c4", "ceval", "alpaca")
@@ -42,7 +42,7 @@ class ExportSettings:
 
 @dataclass
 class CompileStageSettings:
-    """None: the compile command's default (skywork_deploy.compile_config.CompileSettings)."""
+    """None: the compile command's default (skywork_deploy.compile.config.CompileSettings)."""
 
     tp: int = 4
     max_input_len: int = None  # longest prompt
@@ -57,8 +57,8 @@ class CompileStageSettings:
     timeout: float = None
 
     def problems(self):
-        from ..compile_config import parse_size
-        from ..errors import ConfigError
+        from ..compile.settings import parse_size
+        from ..base.errors import ConfigError
 
         p = []
         if self.sizes is not None and (self.max_input_len is not None or self.max_seq_len is not None):
@@ -212,7 +212,7 @@ def _section(kind, value, where):
         raise ConfigError(f"{where}: expected a mapping")
     names = {f.name: f for f in fields(kind)}
     if kind is CompileStageSettings and "seq_lens" in value:
-        from ..compile_config import SEQ_LENS_REPLACED
+        from ..compile.settings import SEQ_LENS_REPLACED
 
         raise ConfigError(f"{where}.{SEQ_LENS_REPLACED} (in build.yaml: max_input_len, max_seq_len or sizes)")
     unknown = sorted(set(value) - set(names))

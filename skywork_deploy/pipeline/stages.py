@@ -55,7 +55,7 @@ def _patch(model, out):
 def _calib(c, model, out):
     from ..calib import build_calib
 
-    from ..progress import bar
+    from ..base.progress import bar
 
     reading = bar(desc="calib: reading", unit="B", unit_scale=True)
     try:
@@ -85,7 +85,7 @@ def _export(e, dtype, src, out):
 
 def _validate(r, export_dir, out):
     """The export's own validation, plus a greedy answer through the runtime: ONNX Runtime vs torch tokens."""
-    from ..fsutil import write_json
+    from ..base.fsutil import write_json
     from ..runtime.backends import make_backend
     from ..runtime.bundle import load_tokenizer, open_bundle
     from ..runtime.generate import generate_text
@@ -153,7 +153,7 @@ def _smoke_session(bundle):
     fast path ("fast", 1x). Not "exact-nbits": exact too, and the export validation gates it, but about 60 s a
     decode step for the 7B shape on 2 cores (bench_full_build.py), while "fast" is the path users run.
     """
-    from ..memory import check_session_fits, mode_for
+    from ..base.memory import check_session_fits, mode_for
 
     is_int8 = bundle.dtype == "int8"
     choices = ["exact", "fast"] if is_int8 else [None]
@@ -169,7 +169,7 @@ def _smoke_session(bundle):
 def _torch_smoke_skip(bundle):
     """Why the torch smoke run (the whole model in memory) is skipped, or None when it fits."""
     from ..export.validate import choose_reference
-    from ..reference import fp32_model_bytes
+    from ..base.reference import fp32_model_bytes
 
     how, why = choose_reference(fp32_model_bytes(bundle.source_model()))
     return None if how == "whole" else f"torch run skipped (the whole model would not fit: {why})"
@@ -183,9 +183,9 @@ def _validation_summary(v):
 def _compile(cs, dtype, patched, calib_dir, out, model_name):
     """One vamc config per size in compile/<name>.yaml, compiled into compile/vacc_deploy/<name>/ when vamc
     is found, else checked and written (a dry run, `compiled: false`)."""
-    from ..compile_config import CompileSettings, expand_sizes
-    from ..errors import ExternalToolError
-    from ..vamc import compile_models, find_vamc
+    from ..compile.settings import CompileSettings, expand_sizes
+    from ..base.errors import ExternalToolError
+    from ..compile.vamc import compile_models, find_vamc
 
     out.mkdir(parents=True)
     given = {"tp": cs.tp, "max_input_len": cs.max_input_len, "max_seq_len": cs.max_seq_len, "b2s": cs.b2s,

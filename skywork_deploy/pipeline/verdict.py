@@ -14,7 +14,7 @@ Outcomes (what each word means, also in the README):
 Exit code rule: 1 when a check FAILED; 1 when a check was skipped, unless `--allow-unvalidated`; 1 when not
 compiled and `--require-compile`; otherwise 0. A dry-run compile alone is not a failure.
 """
-from ..quantize_report import verdict_text
+from ..quantize.report import verdict_text
 
 GATE_OK, GATE_UNCHECKED, GATE_FAILED, GATE_NOT_COMPILED = "ok", "unchecked", "failed", "not compiled"
 

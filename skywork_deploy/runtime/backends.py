@@ -13,95 +13,7 @@ backend: the vendor publishes no API for running a compiled LLM's prefill/decode
 `vaststreamx` (VENDOR.md §4); a compiled folder runs behind `vastgenx serve`, which `skywork-deploy serve`
 starts, and `run`/`bench --endpoint` talk to it.
 """
-import logging
-
-import numpy as np
-
-from ..errors import ConfigError, InputError
-
-log = logging.getLogger(__name__)
-
-
-def physical_cores():
-    import psutil
-
-    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
-
-
-class Backend:
-    """Base class: metadata shared by every backend, and the two steps each one implements."""
-
-    name = "base"
-
-    def __init__(self, bundle):
-        self.bundle = bundle
-        self.vocab_size = bundle.vocab_size
-        self.buckets = bundle.buckets  # fixed prefill lengths or None
-        self.max_positions = bundle.spec.max_positions
-
-    def prefill(self, input_ids, attention_mask, position_ids):
-        raise NotImplementedError
-
-    def decode(self, token_ids, attention_mask, position_ids, kv):
-        raise NotImplementedError
-
-    def describe(self):
-        return {"backend": self.name, "folder": str(self.bundle.folder), "dtype": self.bundle.dtype}
-
-    def bucket_for(self, length):
-        """The prefill length to pad a prompt of `length` tokens to (itself when the graphs are dynamic)."""
-        if not self.buckets:
-            return length
-        for bucket in self.buckets:
-            if length <= bucket:
-                return bucket
-        raise InputError(f"the prompt has {length} tokens but the largest sequence bucket of "
-                         f"{self.bundle.folder} is {self.buckets[-1]} (shorten the prompt or export with "
-                         f"--seq-len {max(length, self.buckets[-1])})")
-
-
-class TorchBackend(Backend):
-    """Our patched Qwen2 (skywork_deploy.modeling.load_model) in eager PyTorch: the reference backend.
-
-    For an int8 bundle exported from a float folder, the weights are quantized per channel (W8A16) as the
-    exporter did, so the torch backend computes the same arithmetic as the graphs.
-    """
-
-    name = "torch"
-
-    def __init__(self, bundle, threads=None, **_):
-        super().__init__(bundle)
-        import torch
-
-        from ..modeling import load_model
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.threads = torch.get_num_threads()
-        folder = bundle.source_model()
-        dtype = {"fp16": "fp16", "bf16": "bf16"}.get(bundle.dtype, "fp32")
-        self.model = load_model(folder, dtype=dtype, insert_slice=True)
-        if bundle.dtype == "int8" and not getattr(self.model.config, "vacc_quantization", None):
-            self.model.quantize(8)
-        self.source = folder
-        self._torch = torch
-
-    def prefill(self, input_ids, attention_mask, position_ids):
-        torch = self._torch
-        with torch.inference_mode():
-            out = self.model(torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
-                             position_ids=torch.from_numpy(position_ids), iter_num=0)
-        return out.logits[:, -1, :].float().numpy(), out.past_key_values
-
-    def decode(self, token_ids, attention_mask, position_ids, kv):
-        torch = self._torch
-        with torch.inference_mode():
-            out = self.model(torch.from_numpy(token_ids), attention_mask=torch.from_numpy(attention_mask),
-                             position_ids=torch.from_numpy(position_ids), past_key_values=kv, iter_num=1)
-        return out.logits[:, -1, :].float().numpy(), out.past_key_values
-
-    def describe(self):
-        return {**super().describe(), "source_model": str(self.source), "threads": self.threads}
+from ..base.errors import ConfigError
 
 
 def _onnxruntime_backend(bundle, **options):
@@ -110,9 +22,15 @@ def _onnxruntime_backend(bundle, **options):
     return OrtBackend(bundle, **options)
 
 
+def _torch_backend(bundle, **options):
+    from .torch_backend import TorchBackend
+
+    return TorchBackend(bundle, **options)
+
+
 BACKENDS = {
     "onnxruntime": _onnxruntime_backend,
-    "torch": TorchBackend,
+    "torch": _torch_backend,
 }
 
 
@@ -120,11 +38,3 @@ def make_backend(name, bundle, **options):
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
     return BACKENDS[name](bundle, **options)
-
-
-def last_logits(logits):
-    """(B, 1, V) or (B, V) logits of any float dtype -> (B, V) float32."""
-    logits = np.asarray(logits)
-    if logits.ndim == 3:
-        logits = logits[:, -1, :]
-    return logits.astype(np.float32, copy=False)

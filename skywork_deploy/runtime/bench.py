@@ -30,7 +30,7 @@ def _summary(prefill_ms, decode_tps):
 
 def bench_backend(backend, prompt_lens=(128,), new_tokens=64, repeats=3, seed=0, warmup=True):
     """{prompt_len: {prefill_ms, decode_tokens_per_s, ...}} for batch 1, greedy, EOS ignored."""
-    from ..progress import bar
+    from ..base.progress import bar
 
     results = {}
     runs = bar(total=len(prompt_lens) * (repeats + bool(warmup)), desc=f"bench {getattr(backend, 'name', '')}",
@@ -55,7 +55,7 @@ def bench_backend(backend, prompt_lens=(128,), new_tokens=64, repeats=3, seed=0,
 def load_reference_model(folder, threads=None):
     import torch
 
-    from ..modeling import load_reference
+    from ..base.modeling import load_reference
 
     if threads:
         torch.set_num_threads(threads)
@@ -90,7 +90,7 @@ def reference_greedy(model, prompt, new_tokens):
 
 
 def bench_reference(model, prompt_lens=(128,), new_tokens=64, repeats=3, seed=0, vocab_size=None):
-    from ..progress import bar
+    from ..base.progress import bar
 
     vocab_size = vocab_size or model.config.vocab_size
     results = {}
@@ -126,7 +126,7 @@ def teacher_forced_logits(backend, prompt, tokens):
 
 def compare_logits(ours, ref):
     """Cosine (mean and min over steps), top-1 agreement, mean KL(ref || ours), max |diff|."""
-    from ..agreement import logit_agreement
+    from ..base.agreement import logit_agreement
 
     result = logit_agreement(ours, ref)
     result["steps"] = result.pop("positions")
@@ -146,7 +146,8 @@ def fidelity(backend, reference, prompt_len=128, steps=64, seed=0):
 def bench_bundle(bundle, backend_name="onnxruntime", prompt_lens=(128,), new_tokens=64, repeats=3,
                  threads=None, int8_accuracy="exact", reference=True, seed=0, io_binding=True, kv_in_place=True):
     """Everything `skywork-deploy bench` reports for one bundle, as a dict."""
-    from .backends import make_backend, physical_cores
+    from .backend import physical_cores
+    from .backends import make_backend
 
     threads = threads or physical_cores()
     engine = make_backend(backend_name, bundle, threads=threads, int8_accuracy=int8_accuracy,

@@ -9,9 +9,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ModelFormatError, UsageError
-from ..manifest import MANIFEST_NAME, read_manifest
-from ..spec import ModelSpec, read_config, read_json
+from ..base.errors import ModelFormatError, UsageError
+from ..base.manifest import MANIFEST_NAME, read_manifest
+from ..base.spec import ModelSpec, read_config, read_json
 
 GRAPHS = ("prefill", "decode")
 # Keys an export manifest may use for the folder it was exported from (first present wins).
@@ -139,7 +139,7 @@ def load_tokenizer(bundle):
     """AutoTokenizer from the bundle folder, checked against the model's vocabulary."""
     from transformers import AutoTokenizer
 
-    from ..spec import tokenizer_files
+    from ..base.spec import tokenizer_files
 
     tokenizer_files(bundle.folder)
     try:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ConfigError, InputError
+from ..base.errors import ConfigError, InputError
 
 
 class Sampler:

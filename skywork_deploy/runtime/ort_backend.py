@@ -31,8 +31,8 @@ import logging
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, ModelFormatError
-from .backends import Backend, last_logits, physical_cores
+from ..base.errors import BackendUnavailableError, ModelFormatError
+from .backend import Backend, last_logits, physical_cores
 
 log = logging.getLogger(__name__)
 PREFILL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -71,7 +71,7 @@ class OrtBackend(Backend):
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        from ..verbosity import ort_severity
+        from ..base.verbosity import ort_severity
 
         opts.log_severity_level = ort_severity()  # errors only unless -v / -vv
         for key, value in INT8_ACCURACY.get(self.int8_accuracy, {}).items():
@@ -92,10 +92,10 @@ class OrtBackend(Backend):
         """True to keep one session alive at a time (the other freed first); raises when even one won't fit.
 
         Both graphs share the bundle's weights on disk, but each session holds its own packed copy: two live
-        sessions need twice the memory (skywork_deploy.memory). A single greedy request loses nothing with one
+        sessions need twice the memory (skywork_deploy.base.memory). A single greedy request loses nothing with one
         at a time (prefill once, then decode); a server reloads the prefill graph per request.
         """
-        from ..memory import check_session_fits, mode_for
+        from ..base.memory import check_session_fits, mode_for
 
         paths = [self.bundle.graph_path(g, self.int8_accuracy) for g in ("prefill", "decode")]
         mode = mode_for(self.bundle.dtype == "int8", int8_accuracy=self.int8_accuracy)

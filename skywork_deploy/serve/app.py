@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
-from ..errors import DeployError
+from ..base.errors import DeployError
 from ..runtime.generate import chat_template_ids
 from .engine import Params, Request as EngineRequest, ServerBusyError
 

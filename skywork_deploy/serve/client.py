@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from ..errors import EndpointError, NetworkError
+from ..base.errors import EndpointError, NetworkError
 
 
 @dataclass

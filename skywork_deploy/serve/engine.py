@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import DeployError
+from ..base.errors import DeployError
 from ..runtime.generate import Sampler, StreamDecoder, left_pad
 
 log = logging.getLogger(__name__)

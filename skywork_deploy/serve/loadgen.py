@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 from .client import EndpointClient
 
 BASE_VOCAB = 151643  # ids below this are ordinary BPE tokens in Qwen vocabularies

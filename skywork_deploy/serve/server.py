@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 
-from ..errors import ConfigError
+from ..base.errors import ConfigError
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 9900

@@ -20,8 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import ConfigError, ExternalToolError, InputError, NetworkError
-from ..fsutil import find_tool, wait_interruptibly
+from ..base.errors import ConfigError, ExternalToolError, InputError, NetworkError
+from ..base.fsutil import find_tool, wait_interruptibly
 
 log = logging.getLogger(__name__)
 ENV_VAR = "SKYWORK_DEPLOY_VASTGENX"
