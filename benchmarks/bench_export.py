@@ -2,7 +2,7 @@
 
     python benchmarks/bench_export.py [--cases q05,7b-2,7b-4] [--dtypes fp32]
 
-Checkpoints are written tensor by tensor (bench_quantize.write_checkpoint) plus the R1 tokenizer. Each export
+Checkpoints are written tensor by tensor (measure.write_checkpoint) plus the R1 tokenizer. Each export
 runs as `skywork-deploy export ... --json` in a child process under the heavy lock; the result JSON gives the
 peak RSS before validation (trace + weight streaming: the figure of the issue) and the whole-process peak
 (validation loads the fp32 transformers reference and two ORT sessions). Writes benchmarks/results/export.json.
@@ -16,8 +16,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_quantize import write_checkpoint  # noqa: E402
-from measure import run_measured  # noqa: E402
+from measure import run_measured, write_checkpoint  # noqa: E402
 
 CASES = {"q05": ("qwen2.5-0.5b", 24), "7b-2": ("skywork-or1-7b", 2), "7b-4": ("skywork-or1-7b", 4)}
 

@@ -26,10 +26,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from measure import folder_bytes, last_json_line, run_measured  # noqa: E402
+from measure import folder_bytes, last_json_line, run_measured, write_checkpoint  # noqa: E402
 
 RESULTS = HERE / "results"
-SHARD_BYTES = 2 * 10**9
 CASES = [("qwen2.5-0.5b", 2), ("qwen2.5-0.5b", 4), ("qwen2.5-0.5b", 24), ("skywork-or1-7b", 2),
          ("skywork-or1-7b", 4)]
 OVERHEAD_CODE = "import torch, safetensors, safetensors.torch"
@@ -42,74 +41,6 @@ BASELINE_CODE = (
     "n = sum(p.numel() for p in model.parameters())\n"
     "print(json.dumps({'parameters': n, 'seconds': time.perf_counter() - t, 'peak_rss_bytes': peak_rss_bytes()}))\n"
 )
-
-
-def tensor_shapes(cfg):
-    """[(name, shape)] of a Qwen2 checkpoint in save order."""
-    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    d = h // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-    shapes = [("model.embed_tokens.weight", (v, h))]
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        shapes += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
-                   (p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.q_proj.bias", (q,)),
-                   (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.k_proj.bias", (kv,)),
-                   (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.v_proj.bias", (kv,)),
-                   (p + "self_attn.o_proj.weight", (h, q)), (p + "mlp.gate_proj.weight", (i, h)),
-                   (p + "mlp.up_proj.weight", (i, h)), (p + "mlp.down_proj.weight", (h, i))]
-    shapes.append(("model.norm.weight", (h,)))
-    if not cfg["tie_word_embeddings"]:
-        shapes.append(("lm_head.weight", (v, h)))
-    return shapes
-
-
-def write_checkpoint(folder, preset, layers, seed=0):
-    """A random bf16 Qwen2 checkpoint written tensor by tensor into ~2 GB safetensors shards."""
-    import torch
-
-    from skywork_deploy.base.synth import PRESETS
-
-    folder.mkdir(parents=True)
-    cfg = {**PRESETS[preset], "num_hidden_layers": layers, "architectures": ["Qwen2ForCausalLM"],
-           "model_type": "qwen2", "hidden_act": "silu", "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16",
-           "use_sliding_window": False, "bos_token_id": 151646, "eos_token_id": 151643}
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    gen = torch.Generator().manual_seed(seed)
-    shards, buffer, size, largest = [], {}, 0, 0
-    for name, shape in tensor_shapes(cfg):
-        t = torch.empty(shape, dtype=torch.bfloat16)
-        if name.endswith("norm.weight"):
-            t.fill_(1.0)
-        else:
-            t.normal_(0.0, 0.02, generator=gen)
-        nbytes = t.numel() * 2
-        largest = max(largest, nbytes)
-        if buffer and size + nbytes > SHARD_BYTES:
-            shards.append(_flush(folder, buffer, len(shards)))
-            buffer, size = {}, 0
-        buffer[name] = t
-        size += nbytes
-        del t
-    shards.append(_flush(folder, buffer, len(shards)))
-    names = {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": tensors for i, (tmp, tensors) in
-             enumerate(shards)}
-    weight_map = {}
-    for (tmp, tensors), final in zip(shards, names):
-        tmp.rename(folder / final)
-        weight_map.update({t: final for t in tensors})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return largest
-
-
-def _flush(folder, buffer, index):
-    from safetensors.torch import save_file
-
-    path = folder / f"shard-{index}.tmp"
-    save_file(buffer, str(path), metadata={"format": "pt"})
-    names = list(buffer)
-    buffer.clear()
-    return path, names
 
 
 def measured(cmd):

@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import peers  # noqa: E402
 import report  # noqa: E402
-from measure import folder_bytes, last_json_line, memory_bandwidth_gbps, run_measured  # noqa: E402
+from measure import folder_bytes, last_json_line, memory_bandwidth_gbps, run_measured, write_checkpoint  # noqa: E402
 
 CASES = {  # name: (synth preset, layers); "tiny" is a smoke case, never in the default list
     "tiny": ("tiny", 2),
@@ -44,8 +44,7 @@ def log(msg):
 # ---- checkpoints and their weight arithmetic ----
 
 def make_checkpoint(folder, preset, layers):
-    """A random bf16 checkpoint written tensor by tensor (bench_quantize's writer) plus the R1 tokenizer."""
-    from bench_quantize import write_checkpoint
+    """A random bf16 checkpoint written tensor by tensor (measure.write_checkpoint) plus the R1 tokenizer."""
     from skywork_deploy.base.synth import write_r1_tokenizer
 
     folder = Path(folder)

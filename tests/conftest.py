@@ -3,9 +3,14 @@
 Tests are offline: HF_HUB_OFFLINE=1 is set before anything imports huggingface_hub.
 Fixtures here import only the light parts of skywork_deploy, so the source_code compatibility tests also
 run in a transformers 4.45.2 environment.
+
+Tests clean up what they write: `pytest.ini` keeps a test's `tmp_path` only when the test failed, and a
+module- or session-scoped fixture's own `tmp_path_factory.mktemp` folders are removed when that fixture is
+torn down, unless a test has failed by then (see `_scoped_tmp_cleanup`).
 """
 import os
 import shutil
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -68,3 +73,61 @@ def sigint_default():
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# ---- removing what module- and session-scoped fixtures wrote ----
+_OWNER = {}  # code object -> the live module/session FixtureDef whose function it is (or is nested in)
+_WRITTEN = {}  # FixtureDef -> the folders made by that code with tmp_path_factory.mktemp
+
+
+def _codes(code):
+    """A function's code object and those of the functions defined inside it (e.g. a factory it returns)."""
+    yield code
+    for const in code.co_consts:
+        if hasattr(const, "co_consts"):
+            yield from _codes(const)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _scoped_tmp_cleanup(tmp_path_factory):
+    """Record each mktemp folder with the module/session fixture whose code made it (the caller's frame).
+
+    That covers a fixture's body and the factories it returns (they live as long as it does). Folders made
+    elsewhere (a test's own tmp_path, a helper) are left to pytest's retention (pytest.ini).
+    """
+    mktemp = tmp_path_factory.mktemp
+
+    def recorded(basename, numbered=True):
+        path = mktemp(basename, numbered=numbered)
+        fixturedef = _OWNER.get(sys._getframe(1).f_code)
+        if fixturedef is not None:
+            _WRITTEN.setdefault(fixturedef, []).append(path)
+        return path
+
+    tmp_path_factory.mktemp = recorded
+    yield
+    tmp_path_factory.mktemp = mktemp
+
+
+class _FixtureFolders:
+    """Hooks registered as a plugin (conftest hooks never see the setup of session-scoped fixtures)."""
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(self, fixturedef, request):
+        code = getattr(getattr(fixturedef.func, "__func__", fixturedef.func), "__code__", None)
+        if fixturedef.scope != "function" and code is not None:
+            _OWNER.update(dict.fromkeys(_codes(code), fixturedef))
+        return (yield)
+
+    def pytest_fixture_post_finalizer(self, fixturedef, request):
+        for code in [c for c, owner in _OWNER.items() if owner is fixturedef]:
+            del _OWNER[code]
+        folders = _WRITTEN.pop(fixturedef, [])
+        if request.session.testsfailed:
+            return  # keep what a failed run's fixtures wrote, as pytest keeps a failed test's tmp_path
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_FixtureFolders(), "skywork-deploy-fixture-folders")

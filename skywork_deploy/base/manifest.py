@@ -45,3 +45,17 @@ def read_manifest(folder_or_file, stage=None, name=MANIFEST_NAME):
     if stage is not None and data.get("stage") != stage:
         raise InputError(f"{path}: a manifest of stage {data.get('stage')!r}, expected {stage!r}")
     return data
+
+
+def find_stage_output(folder, stage, name=MANIFEST_NAME):
+    """(sub-folder, record) of the first `stage` output one or two levels inside `folder`, else (None, None).
+
+    A build folder holds one output per stage (BUILD/patch/, BUILD/calib/, BUILD/export/, ...), each found by
+    the record `name` it carries (a stage manifest, or the patch record) and that record's `stage`.
+    """
+    for depth in ("*", "*/*"):
+        for candidate in sorted(Path(folder).glob(f"{depth}/{name}")):
+            data = read_manifest(candidate)
+            if data and data.get("stage") == stage:
+                return candidate.parent, data
+    return None, None

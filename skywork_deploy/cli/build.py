@@ -11,7 +11,8 @@ from .common import EXIT_USAGE, CommandError, check_path, emit_json, handle_erro
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model", required=False)
 @click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False, exists=True),
-              help="A build.yaml with the same settings as the options (options override it).")
+              help="A build.yaml with the same settings as the options (options override it; relative paths in "
+              "it are relative to its folder).")
 @click.option("--dtype", type=click.Choice(["fp16", "int8"]), default=None, help="Build dtype.")
 @click.option("-o", "--out", default=None, help="Build folder (default: build-<model>-<dtype>).")
 @click.option("--demo", is_flag=True, help="Build the shipped trained demo model, answer a problem, eval int8 vs fp32.")

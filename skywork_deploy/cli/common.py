@@ -63,7 +63,8 @@ def path_problem(value, kind="model", hub=True):
     """Why `value` is not a usable path of `kind` (None when it is).
 
     kind: "model" (a folder holding config.json), "bundle" (a folder holding config.json or a stage output),
-    "source" (any file or folder). `hub`: a string shaped like a hub id (org/name) that is not a local path is
+    "build" (a folder holding config.json, or a build folder with a patched model inside), "source" (any file
+    or folder). `hub`: a string shaped like a hub id (org/name) that is not a local path is
     accepted; the stage downloads it or says that it cannot.
     """
     path = Path(str(value)).expanduser()
@@ -77,13 +78,19 @@ def path_problem(value, kind="model", hub=True):
     if kind == "source":
         return None
     if not path.is_dir():
-        return f"{value}: not a folder (pass the {'model' if kind == 'model' else 'bundle'} folder, not a file)"
+        return f"{value}: not a folder (pass the {'bundle' if kind == 'bundle' else 'model'} folder, not a file)"
     if (path / "config.json").is_file():
         return None
     if kind == "bundle" and ((path / MANIFEST_NAME).is_file() or any(path.glob(f"*/{MANIFEST_NAME}"))):
         return None  # a stage output (export bundle) or a build folder holding one
+    if kind == "build":
+        from ..patch import PATCH_MANIFEST
+
+        if any(path.glob(f"*/{PATCH_MANIFEST}")):
+            return None  # a build folder: its patched model is found inside (compile)
+    alternative = {"bundle": ", or an export/build folder", "build": ", or a build folder"}.get(kind, "")
     return (f"{value}: not a model folder (no config.json in it; pass the folder that holds config.json"
-            f"{', or an export/build folder' if kind == 'bundle' else ''})")
+            f"{alternative})")
 
 
 def check_path(value, where, kind="model", hub=True):
@@ -132,7 +139,8 @@ def stage_echo():
 
 
 def json_option(fn):
-    return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")(fn)
+    return click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout (on any failure: "
+                        '{"ok": false, "error": ..., "exit_code": N}).')(fn)
 
 
 def parse_int_list(ctx, param, value):

@@ -29,7 +29,7 @@ def parse_sizes(ctx, param, value):
 
 
 @click.command("compile", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model", type=PathArg("model", hub=False))
+@click.argument("model", type=PathArg("build", hub=False))
 @click.option("--dtype", type=click.Choice(DTYPES), required=True,
               help="fp16, or int8 (weight-only, the compiler's w8a16_gptq).")
 @click.option("--tp", type=int, default=None, help="Tensor-parallel size (dies); 1 to the number of attention "
@@ -71,12 +71,14 @@ def compile_(ctx, model, dtype, tp, max_input_len, max_seq_len, sizes, align_qkv
              b2s, workspace, workers, name, dry_run, config_out, vamc, timeout, as_json):
     """Write the vamc YAML config for MODEL, check it, and run `vamc compile`.
 
-    MODEL is a folder patched by `skywork-deploy patch`. One compile serves prompts up to --max-input-len
+    MODEL is a folder patched by `skywork-deploy patch`, or a build folder (`skywork-deploy build`): its
+    patched model (BUILD/patch/) is compiled and, for int8 without --calib, its calibration set (BUILD/calib/)
+    gives the dataset: block. One compile serves prompts up to --max-input-len
     tokens and prompt + answer up to --max-seq-len tokens (input_ids: [[in], [total]]); each --size is one
     more YAML, compile and folder. Every problem (lengths not multiples of 16 or beyond
     max_position_embeddings, tp above the heads, a stale patch, an inconsistent calibration set...) is
     reported at once, before anything runs. A total below 16384 on a reasoning model is a warning: its
-    answers run 8K-32K tokens. VACC_STACK_SIZE=256 is set for models of 32B parameters and more.
+    answers run 8K-32K tokens (no warning when the model's max_position_embeddings allows no more). VACC_STACK_SIZE=256 is set for models of 32B parameters and more.
 
     The compiler's output is shown and logged to <workspace>/<name>.compile.log; afterwards the model
     suites (mod.so, mod.json, mod.params) under <workspace>/<name>/ are found and hashed into
@@ -86,6 +88,7 @@ def compile_(ctx, model, dtype, tp, max_input_len, max_seq_len, sizes, align_qkv
     \b
     Examples:
       skywork-deploy compile ./or1-7b-vacc --dtype fp16 --dry-run
+      skywork-deploy compile ./build-or1-7b-int8 --dtype int8 --tp 8 --size 2048:16384
       skywork-deploy compile ./or1-7b-vacc --dtype int8 --calib ./calib-c4 --config-out or1-7b-int8.yaml
       skywork-deploy compile ./or1-7b-vacc --dtype int8 --tp 8 --size 2048:16384 --size 4096:32768
       SKYWORK_DEPLOY_VAMC=/opt/vastai/bin/vamc skywork-deploy compile ./or1-32b-vacc --dtype int8 --tp 8

@@ -9,7 +9,8 @@ from .common import CommandError, PathArg, emit_json, handle_errors, json_option
 @click.option("-o", "--out", type=click.Path(file_okay=False), default=None,
               help="Build a new patched folder here (weights hard-linked) instead of patching in place.")
 @click.option("--revert", is_flag=True, help="Restore a folder patched in place to its original state.")
-@click.option("--check", is_flag=True, help="Only report whether MODEL is patched with this version.")
+@click.option("--check", is_flag=True,
+              help="Only report whether MODEL is patched with this version (exit 1 when missing or stale).")
 @click.option("--insert-slice/--no-insert-slice", default=True, show_default=True,
               help="Keep only the last position before lm_head in the prefill graph.")
 @click.option("--revision", default=None, help="Hub revision when MODEL is a hub id.")

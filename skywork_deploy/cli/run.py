@@ -64,11 +64,11 @@ def run(bundle, prompts, backend, threads, int8_accuracy, endpoint, model_name, 
 
     \b
     Examples:
-      skywork-deploy run ./or1-7b-onnx --prompt "What is 17 * 23?"
+      skywork-deploy run ./skywork-demo --prompt "What is 47 * 6?"
       skywork-deploy run ./or1-7b-onnx -p "Hi" --temperature 0.6 --top-p 0.95 --seed 1
       skywork-deploy run ./or1-7b-int8 -p "Hi" --int8-accuracy fast --threads 8 --json
       skywork-deploy run ./Skywork-OR1-7B-Preview -p "Hi" --backend torch
-      skywork-deploy run --endpoint http://127.0.0.1:9900/v1 -p "What is 17 * 23?"
+      skywork-deploy run --endpoint http://127.0.0.1:9900/v1 -p "What is 85 - 39?"
     """
     bundle_or_endpoint(bundle, endpoint)
     if endpoint:

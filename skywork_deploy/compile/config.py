@@ -5,18 +5,24 @@ options); `plan_compile(folder, settings)` adds the checks that need the model f
 the YAML with every problem; `check_vamc_config` runs the same checks on an existing YAML. Nothing here runs
 the compiler.
 """
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
 from ..base.errors import ConfigError, InputError
+from ..base.manifest import find_stage_output
 from ..base.spec import ModelSpec
+from ..patch import PATCH_MANIFEST
 from .checks import check_calib_tokenizer, check_checkpoint, check_dataset, check_tokenizer, dataset_block
 from .settings import (
     PREFLIGHT_CHECKS, CompileSettings, _is_int, advise, check_settings, compiler_env, is_reasoning_model,
     needs_align_qkv,
 )
+
+
+log = logging.getLogger(__name__)
 
 
 class _FlowList(list):
@@ -88,6 +94,30 @@ class CompilePlan:
     @property
     def workspace(self):
         return self.config["workspace"]["path"]
+
+
+def resolve_build_folder(model_folder, settings_list):
+    """MODEL given as a build folder -> (its patched model, the settings with its calibration set for int8).
+
+    A folder holding config.json is the model itself. Otherwise the patched model inside it (BUILD/patch/) is
+    compiled, and an int8 size without `calib` gets the build's calibration set (BUILD/calib/), found the way
+    `run`, `serve` and `eval` find a build's export bundle (base.manifest.find_stage_output).
+    """
+    folder = Path(model_folder).expanduser()
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return model_folder, settings_list
+    patched, record = find_stage_output(folder, "patch", name=PATCH_MANIFEST)
+    if patched is None:
+        raise InputError(f"{model_folder}: no config.json and no patched model inside (pass the folder "
+                         "patched by `skywork-deploy patch`, or a build folder holding one)")
+    calib, _ = find_stage_output(folder, "calib")
+    model_name = Path(str(record.get("source") or patched)).name  # named after the model, as `build` does
+    resolved = [replace(s, model_name=s.model_name or model_name,
+                        calib=str(calib) if s.dtype == "int8" and s.calib is None and calib else s.calib)
+                for s in settings_list]
+    log.info("build folder %s: compiling %s%s", folder, patched,
+             f" with the calibration set {calib}" if any(s.calib == str(calib) for s in resolved) else "")
+    return patched, resolved
 
 
 def plan_compile(model_folder, settings):

@@ -219,15 +219,24 @@ def _check_tp(spec, settings):
 
 
 def advise(spec, settings, reasoning):
-    """Warnings (not errors): a total length that cuts a reasoning model's answers short."""
-    if not reasoning or settings.max_seq_len >= REASONING_TOTAL:
+    """Warnings (not errors): a total length that cuts a reasoning model's answers short.
+
+    Only sizes the model allows are suggested (total <= max_position_embeddings); a total already at the
+    model's limit gets no warning, as nothing longer is possible.
+    """
+    limit = spec.max_positions // LENGTH_ALIGN * LENGTH_ALIGN
+    model = settings.model_name or spec.name
+    if not reasoning or settings.max_seq_len >= min(REASONING_TOTAL, limit):
         return []
+    sizes = [f"{prompt}:{total}" for prompt, total in ((2048, REASONING_TOTAL), (4096, 2 * REASONING_TOTAL))
+             if total <= limit]
+    suggestion = (f"for reasoning use e.g. --size {' or '.join(sizes)}" if sizes else
+                  f"{model} allows at most {limit} positions (max_position_embeddings): "
+                  f"--size {settings.max_input_len}:{limit} is the longest it can take")
     return [f"max_seq_len: {settings.max_seq_len} tokens in total (prompt + answer) is short for "
-            f"{settings.model_name or spec.name}: "
-            "Skywork-OR1's reasoning traces run 8K-32K tokens (its RL stages trained at 16K and 32K), so most "
-            f"answers will be cut off; the vendor's example configs use 1024:2048 (Skywork-OR1) and "
-            f"2048:4096 (Qwen2.5-7B-Instruct serving); for reasoning use e.g. --size 2048:{REASONING_TOTAL} "
-            "or 4096:32768"]
+            f"{model}: Skywork-OR1's reasoning traces run 8K-32K tokens (its RL stages trained at 16K and "
+            "32K), so most answers will be cut off; the vendor's example configs use 1024:2048 (Skywork-OR1) and "
+            f"2048:4096 (Qwen2.5-7B-Instruct serving); {suggestion}"]
 
 
 def is_reasoning_model(spec, folder=None):

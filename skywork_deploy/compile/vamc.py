@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import plan_compile
+from .config import plan_compile, resolve_build_folder
 from .settings import PREFLIGHT_CHECKS, raise_problems
 from .output import OUTPUT_CHECKS, find_suites, provide_tokenizer, rank_warnings
 from ..base.errors import ConfigError, ExternalToolError, InputError
@@ -196,7 +196,9 @@ def compile_models(model_folder, settings_list, vamc=None, timeout=None, dry_run
     `<workspace>/<name>.yaml`. Returns one result dict per size, each
     with `compiled` (true only after vamc ran and its output passed the checks) and `checks` (every check
     run); a real run also writes `<workspace>/<name>.manifest.json` with the suites and their sha256.
+    `model_folder` may be a build folder: its patched model and (int8) calibration set are used.
     """
+    model_folder, settings_list = resolve_build_folder(model_folder, settings_list)
     plans = [plan_compile(model_folder, s) for s in settings_list]
     several = len(plans) > 1
     problems = [f"{p.name}: {line}" if several else line for p in plans for line in p.problems]

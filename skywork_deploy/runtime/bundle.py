@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..base.errors import ModelFormatError, UsageError
-from ..base.manifest import MANIFEST_NAME, read_manifest
+from ..base.manifest import MANIFEST_NAME, find_stage_output, read_manifest
 from ..base.spec import ModelSpec, read_config, read_json
 
 GRAPHS = ("prefill", "decode")
@@ -96,22 +96,13 @@ class Bundle:
         return eos[0] if eos else 0
 
 
-def _find_export(folder):
-    for depth in ("*", "*/*"):
-        for cand in sorted(folder.glob(f"{depth}/{MANIFEST_NAME}")):
-            data = read_manifest(cand)
-            if data and data.get("stage") == "export":
-                return cand.parent, data
-    return None, None
-
-
 def open_bundle(path):
     folder = Path(path)
     if not folder.is_dir():
         raise UsageError(f"{folder}: not a folder (pass an export bundle, a build folder or a model folder)")
     manifest = read_manifest(folder)
     if manifest is not None and manifest.get("stage") != "export":
-        sub, sub_manifest = _find_export(folder)
+        sub, sub_manifest = find_stage_output(folder, "export")
         if sub is not None:
             folder, manifest = sub, sub_manifest
         elif not (folder / "config.json").is_file():
@@ -120,7 +111,7 @@ def open_bundle(path):
         else:
             manifest = None
     elif manifest is None and not (folder / "config.json").is_file():
-        sub, manifest = _find_export(folder)
+        sub, manifest = find_stage_output(folder, "export")
         if sub is None:
             raise UsageError(f"{folder}: no config.json and no export bundle inside "
                                    "(pass the output folder of `skywork-deploy export`)")

@@ -211,22 +211,30 @@ def test_quiet_prints_only_errors_and_progress_shows_done_total_rate(tiny_model_
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
 
 
-def _readme_blocks(lang):
-    from pathlib import Path
+DOCS_ROOT = Path(__file__).resolve().parents[2]
 
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+def _readme_blocks(lang, page="README.md"):
+    text = (DOCS_ROOT / page).read_text()
     return [block.split("\n", 1)[1] for block in text.split("```")[1::2] if block.startswith(lang + "\n")]
 
 
-def _readme_commands():
-    """Every `skywork-deploy ...` line of the README's bash blocks, continuation lines joined."""
+def _readme_commands(page="README.md"):
+    """Every `skywork-deploy ...` line of a page's bash blocks, continuation lines joined."""
     import shlex
 
-    for block in _readme_blocks("bash"):
+    for block in _readme_blocks("bash", page):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #", 1)[0].split(">", 1)[0].strip()
             if line.startswith("skywork-deploy "):
                 yield shlex.split(line)[1:]
+
+
+def _unknown_options(args):
+    command = cli.get_command(None, args[0])
+    assert command is not None, f"`skywork-deploy {' '.join(args)}`: no command {args[0]!r}"
+    known = {opt for param in command.params for opt in param.opts + param.secondary_opts}
+    return [a for a in args[1:] if a.startswith("-") and a not in known]
 
 
 def test_readme_examples_use_only_existing_commands_and_options():
@@ -235,10 +243,21 @@ def test_readme_examples_use_only_existing_commands_and_options():
     for args in commands:
         if args[0].startswith("-"):
             continue
-        command = cli.get_command(None, args[0])
-        known = {opt for param in command.params for opt in param.opts + param.secondary_opts}
-        unknown = [a for a in args[1:] if a.startswith("-") and a not in known]
+        unknown = _unknown_options(args)
         assert not unknown, f"README: `skywork-deploy {' '.join(args)}` uses unknown options {unknown}"
+
+
+def test_docs_examples_use_only_existing_commands_and_options():
+    pages = sorted(str(p.relative_to(DOCS_ROOT)) for p in (DOCS_ROOT / "docs").glob("*.md"))
+    assert "docs/commands.md" in pages
+    checked = 0
+    for page in pages:
+        for args in _readme_commands(page):
+            if not args[0].startswith("-"):
+                unknown = _unknown_options(args)
+                assert not unknown, f"{page}: `skywork-deploy {' '.join(args)}` uses unknown options {unknown}"
+                checked += 1
+    assert checked >= len(COMMANDS)
 
 
 def test_readme_build_yaml_example_is_valid():

@@ -163,6 +163,23 @@ def test_short_total_length_warns_for_reasoning_models(or1_7b, patched):
     assert not is_reasoning_model(plain) and advise(plain, CompileSettings(), reasoning=False) == []
 
 
+
+def test_short_total_length_warning_suggests_only_sizes_the_model_allows():
+    or1 = known_spec("Skywork-OR1-7B-Preview")
+
+    def warnings(positions, **sizes):
+        spec = or1.__class__(**{**or1.to_dict(), "max_positions": positions})
+        return advise(spec, CompileSettings(**sizes), reasoning=True)
+
+    assert "--size 2048:16384 or 4096:32768" in warnings(32768)[0]
+    (mid,) = warnings(20000)
+    assert "--size 2048:16384" in mid and "32768" not in mid
+    (short,) = warnings(8192)  # the model cannot take 16384: its own limit is the suggestion
+    assert "16384 or" not in short and "--size 1024:8192 is the longest it can take" in short
+    assert "max_position_embeddings" in short
+    assert warnings(512, max_input_len=256, max_seq_len=512) == []  # the demo model: already at its limit
+    assert warnings(8200, max_input_len=256, max_seq_len=8192) == []  # 8200 rounds down to 8192
+
 def ds(**changes):
     """A valid `dataset:` block with some values changed (None removes the key)."""
     block = {"type": "huggingface", "name": "c4", "path": "allenai/c4", "nsamples": 8, "seqlen": 64, **changes}

@@ -67,6 +67,31 @@ def test_last_line_is_one_verdict_naming_each_stage(built):
     assert starts == sorted(starts)  # in run order
 
 
+
+def test_compile_takes_the_build_folder_and_finds_its_patched_model_and_calibration_set(built, tmp_path,
+                                                                                        monkeypatch):
+    out, _, _, model = built
+    monkeypatch.chdir(tmp_path)  # a dry run writes nothing; the default workspace would be ./vacc_deploy
+
+    def dry_run(target, dtype):
+        result = invoke(["compile", target, "--dtype", dtype, "--size", "64:128", "--dry-run", "--json"])
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        return data, yaml.safe_load(data["yaml"])
+
+    data, config = dry_run(out, "int8")
+    assert config["frontend"]["checkpoint"] == str((out / "patch").resolve())  # BUILD/patch, not the build
+    assert config["frontend"]["quantize"]["type"] == "w8a16_gptq"
+    assert (config["dataset"]["nsamples"], config["dataset"]["seqlen"]) == (8, 64)  # from BUILD/calib
+    assert data["name"] == f"{Path(model).name}-int8-tp4-64-128"  # named after the model, as `build` names it
+    fp16, config16 = dry_run(out, "fp16")
+    assert config16["frontend"]["checkpoint"] == config["frontend"]["checkpoint"] and "dataset" not in config16
+    assert dry_run(out / "patch", "int8")[1]["frontend"]["checkpoint"] == config["frontend"]["checkpoint"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = invoke(["compile", empty, "--dtype", "fp16", "--dry-run"])
+    assert refused.exit_code == 2 and "no config.json in it" in refused.output and "or a build folder" in refused.output
+
 def test_manifest_says_passed_only_for_what_was_checked(built):
     _, _, manifest, _ = built
     assert manifest["accepted"] is True and "passed" not in manifest
