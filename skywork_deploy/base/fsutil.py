@@ -1,8 +1,9 @@
 """Files written safely: the output rule, temporary folders renamed at the end, locks, hashes, links.
 
-The output rule, for every command that writes (`check_output`): the output may never be, contain or sit
-inside an input; an existing output is replaced only with `overwrite`, and only when it carries a manifest of
-ours (a folder skywork-deploy wrote). Temporary folders carry a marker file naming the process that made
+The output rule, for every path a command writes: the output may never be, contain or sit inside an input;
+an existing output is replaced only when skywork-deploy wrote it (a folder: with `overwrite` and a manifest of
+ours, `check_output`; a file: when `ours(path)` recognises it, `check_output_file`); and every file is written
+to a temporary name and renamed (`write_text`, `atomic_file`), so it is never opened through an existing link. Temporary folders carry a marker file naming the process that made
 them, so a later run of the same command removes the ones a killed run left behind (`remove_stale`).
 """
 import contextlib
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from .errors import ExternalToolError, InputError
+from .testpoint import pause_point
 
 log = logging.getLogger(__name__)
 MARKER = ".skywork_deploy_partial.json"    # inside every temporary folder we create
@@ -81,18 +83,46 @@ def write_json(path, data):
     write_text(path, text)
 
 
-def write_text(path, text):
+def write_text(path, text, fsync=False):
+    """Write `text` through a new temporary file renamed over `path` (a link at `path` is replaced, never
+    written through). `fsync`: the data reaches the disk before the rename (crash-safe journals)."""
+    with atomic_file(path, "w", fsync=fsync) as fh:
+        fh.write(text)
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="w", fsync=False, keep_on_error=False, tmp_dir=None):
+    """A file handle on a new temporary file beside `path` (or in `tmp_dir`, same file system), created with
+    O_EXCL, so never an existing link, and renamed to `path` at the end; removed on an error unless
+    `keep_on_error` (a log wanted after a failure)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir or path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            try:
+                yield fh
+            finally:
+                if fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
+        if keep_on_error and os.path.exists(tmp):
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(folder):
+    """Make renames and new names inside `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
 
 
 # ------------------------------------------------------------------------------------- the output rule
@@ -111,12 +141,48 @@ def check_not_input(out, inputs, option="-o/--out", may_contain=False):
         if given is None or not Path(str(given)).expanduser().exists():
             continue  # a hub id or a missing path: nothing on disk to protect
         real_in = _real(given)
-        if real_out == real_in:
+        if real_out == real_in or _same_inode(out, given):  # a hard link to the input is the input
             raise InputError(f"{option} {out}: is the input {given}; choose a new output folder")
         if real_out in real_in.parents and not may_contain:
             raise InputError(f"{option} {out}: contains the input {given}; choose an output folder outside it")
         if real_in in real_out.parents:
             raise InputError(f"{option} {out}: is inside the input {given}; choose an output folder outside it")
+
+
+def _same_inode(a, b):
+    try:
+        return os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
+    except OSError:
+        return False
+
+
+def check_output_file(path, inputs=(), option="-o/--output", ours=None):
+    """The output rule for one file (see the module docstring). Returns True when an existing file of ours
+    will be replaced. `ours(path) -> bool` recognises a file skywork-deploy wrote (None: never replace one)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        raise InputError(f"{option} {path}: is a folder; give a file name")
+    check_not_input(path, inputs, option)
+    if path.is_symlink():
+        raise InputError(f"{option} {path}: is a symbolic link; skywork-deploy never writes through or replaces "
+                         "a link (remove it or choose another file)")
+    if not path.exists():
+        return False
+    if not path.is_file() or ours is None or not ours(path):
+        raise InputError(f"{option} {path}: exists and was not written by skywork-deploy, so it is not replaced; "
+                         "remove it yourself or choose another file")
+    return True
+
+
+def starts_with(prefix):
+    """An `ours` test for check_output_file: the file begins with the bytes `prefix` (a stamp we write)."""
+    def test(path):
+        try:
+            with open(path, "rb") as fh:
+                return fh.read(len(prefix)) == prefix
+        except OSError:
+            return False
+    return test
 
 
 def written_by_us(folder):
@@ -314,6 +380,7 @@ def atomic_output_dir(out, overwrite=False, inputs=(), option="-o/--out"):
     remove_stale(out.parent, f".{out.name}.old-")
     tmp = _make_marked_dir(out.parent, f".{out.name}.partial-", out)
     try:
+        pause_point("output")
         yield tmp
         check_output(out, inputs, overwrite, option)  # still true after the work (the folder may have changed)
     except BaseException:
@@ -329,26 +396,3 @@ def atomic_output_dir(out, overwrite=False, inputs=(), option="-o/--out"):
     if old is not None:
         _remove_marked(old)
         log.warning("replaced %s (a %s folder skywork-deploy wrote earlier)", out, replaced)  # said, never silent
-
-
-def link_or_copy(src, dst):
-    """Hard link `src` at `dst`, else a symlink, else a copy. Returns the method used."""
-    src, dst = Path(src), Path(dst)
-    try:
-        os.link(src, dst)
-        return "hardlink"
-    except OSError:
-        pass
-    try:
-        os.symlink(src.resolve(), dst)
-        return "symlink"
-    except OSError:
-        shutil.copy2(src, dst)
-        return "copy"
-
-
-def peak_rss_bytes():
-    """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 from ..base.errors import ConfigError, InputError, ModelFormatError, ValidationError
-from ..base.fsutil import atomic_output_dir, check_output, peak_rss_bytes, sha256_file, work_dir, write_json
+from ..base.fsutil import atomic_output_dir, check_output, sha256_file, work_dir, write_json
 from ..base.manifest import write_manifest
+from ..base.memory import peak_rss_bytes
 from ..base.spec import TOKENIZER_SIDE_FILES, ModelSpec, read_config
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..base.errors import ConfigError, InputError, ModelFormatError
-from ..base.fsutil import atomic_output_dir, check_output, peak_rss_bytes, sha256_file, write_json, write_text
+from ..base.fsutil import atomic_output_dir, check_output, sha256_file, write_json, write_text
 from ..base.manifest import MANIFEST_NAME, write_manifest
+from ..base.memory import peak_rss_bytes
 from ..base.spec import ModelSpec, checkpoint_files, read_config, read_safetensors_header
 from . import report as quantize_report
 from .shards import DTYPE_BYTES, INDEX_NAME, ShardWriter, shard_groups
