@@ -3,7 +3,8 @@
 The output rule, for every path a command writes: the output may never be, contain or sit inside an input;
 an existing output is replaced only when skywork-deploy wrote it (a folder: with `overwrite` and a manifest of
 ours, `check_output`; a file: when `ours(path)` recognises it, `check_output_file`); and every file is written
-to a temporary name and renamed (`write_text`, `atomic_file`), so it is never opened through an existing link. Temporary folders carry a marker file naming the process that made
+to a temporary name and renamed (`write_text`, `atomic_file`) or opened as a new file (`open_new`), so it is
+never opened through an existing link. Temporary folders carry a marker file naming the process that made
 them, so a later run of the same command removes the ones a killed run left behind (`remove_stale`).
 """
 import contextlib
@@ -17,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import ExternalToolError, InputError
+from .errors import InputError
+from .process import find_tool, wait_interruptibly  # noqa: F401  (serve/vastgenx.py imports them from here)
 from .testpoint import pause_point
 
 log = logging.getLogger(__name__)
@@ -26,42 +28,6 @@ LOCK_NAME = ".skywork_deploy.lock"         # inside a folder a long command owns
 STAGING = "making-"                        # a temporary folder's name until its marker is written
 # Manifests that say "skywork-deploy wrote this folder" (patch's only for a copy, never for an in-place patch).
 OUR_MANIFESTS = ("skywork_deploy_manifest.json", "manifest.json", "skywork_deploy_patch.json")
-
-
-def wait_interruptibly(proc, timeout=None, poll=0.25):
-    """`proc.wait(timeout)` that Ctrl-C always interrupts.
-
-    A blocking wait never returns to Python when SIGINT is delivered to another thread of the process (the
-    output reader), so KeyboardInterrupt would wait for the child to exit; short waits in a loop let the main
-    thread notice it within `poll` seconds. Raises subprocess.TimeoutExpired at `timeout`, as wait does.
-    """
-    import subprocess
-
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        left = poll if deadline is None else min(poll, deadline - time.monotonic())
-        try:
-            return proc.wait(timeout=max(left, 0))
-        except subprocess.TimeoutExpired:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise
-
-
-def find_tool(name, option, env_var, explicit=None, environ=None, missing_hint=""):
-    """An external program's absolute path: `explicit` (the option), else $env_var, else `name` on PATH."""
-    environ = os.environ if environ is None else environ
-    for source, value in ((option, explicit), (env_var, environ.get(env_var))):
-        if value:
-            found = shutil.which(value, path=environ.get("PATH"))
-            if found is None:
-                raise ExternalToolError(f"{name}: {source} {value} is not an executable file "
-                                        "(fix the path or make it executable)")
-            return str(Path(found).absolute())
-    found = shutil.which(name, path=environ.get("PATH"))
-    if found is None:
-        raise ExternalToolError(f"{name} not found: {option} not given, {env_var} not set, no `{name}` on PATH; "
-                                f"{missing_hint}")
-    return str(Path(found).absolute())
 
 
 def sha256_file(path, chunk=1 << 22):
@@ -130,23 +96,19 @@ def _real(path):
     return Path(os.path.realpath(Path(path).expanduser()))
 
 
-def check_not_input(out, inputs, option="-o/--out", may_contain=False):
-    """Refuse an output that is, contains or sits inside one of `inputs` (paths; None entries are ignored).
-
-    `may_contain` lets a build folder hold its input (the demo's model lives in BUILD/model); its stage
-    folders are then checked one by one.
-    """
+def check_not_input(out, inputs, option="-o/--out"):
+    """Refuse an output that is, contains or sits inside one of `inputs` (paths; None entries are ignored)."""
     real_out = _real(out)
     for given in inputs:
         if given is None or not Path(str(given)).expanduser().exists():
             continue  # a hub id or a missing path: nothing on disk to protect
         real_in = _real(given)
         if real_out == real_in or _same_inode(out, given):  # a hard link to the input is the input
-            raise InputError(f"{option} {out}: is the input {given}; choose a new output folder")
-        if real_out in real_in.parents and not may_contain:
-            raise InputError(f"{option} {out}: contains the input {given}; choose an output folder outside it")
+            raise InputError(f"{option} {out}: is the input {given}; choose a new output")
+        if real_out in real_in.parents:
+            raise InputError(f"{option} {out}: contains the input {given}; choose an output outside it")
         if real_in in real_out.parents:
-            raise InputError(f"{option} {out}: is inside the input {given}; choose an output folder outside it")
+            raise InputError(f"{option} {out}: is inside the input {given}; choose an output outside it")
 
 
 def _same_inode(a, b):
@@ -185,6 +147,11 @@ def starts_with(prefix):
     return test
 
 
+def ours_json(path):
+    """An `ours` test for check_output_file: a JSON object carrying our format key (manifests, records)."""
+    return (read_marker(path) or {}).get("format") == "skywork-deploy"
+
+
 def written_by_us(folder):
     """The stage name when `folder` carries a manifest skywork-deploy wrote for its own output, else None."""
     folder = Path(folder)
@@ -198,6 +165,15 @@ def written_by_us(folder):
             continue  # a model folder patched in place is the user's folder, never ours to delete
         return data["stage"]
     return None
+
+
+def open_new(path, inputs=(), option="the log", ours=None):
+    """Open `path` for writing as a new file, for a log read while it grows: the output rule checked, an old
+    file of ours removed first, then O_EXCL | O_NOFOLLOW, so never through a link that appeared meanwhile."""
+    if check_output_file(path, inputs, option, ours):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    return os.fdopen(fd, "w", encoding="utf-8")
 
 
 def check_output(out, inputs=(), overwrite=False, option="-o/--out"):

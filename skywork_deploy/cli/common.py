@@ -179,6 +179,11 @@ def stage_echo():
     return (lambda text: click.echo(text, err=True)) if stage_lines() else (lambda text: None)
 
 
+def extra_tensors_option(fn):
+    return click.option("--allow-extra-tensors", is_flag=True,
+                        help="Accept checkpoint tensors config.json does not explain (refused by default).")(fn)
+
+
 def json_option(fn):
     return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")(fn)
 

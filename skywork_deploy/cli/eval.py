@@ -58,11 +58,13 @@ def eval_(target, endpoint, model_name, api_key, dataset, problem_key, answer_ke
       skywork-deploy eval ./b --dataset q.csv --problem-key Question --answer-key Gold -o results.jsonl
     """
     from ..evaluate.datasets import load_problems
-    from ..evaluate.runner import report_lines, run_eval
+    from ..evaluate.runner import check_results_file, report_lines, run_eval
     from ..evaluate.targets import open_target
 
     if (target is None) == (endpoint is None):
         raise click.UsageError("give exactly one of TARGET or --endpoint URL")
+    if output:
+        check_results_file(output, [dataset, target, reference])
     problems = load_problems(dataset, problem_key, answer_key, split=split, limit=limit)
     opened = []
     try:

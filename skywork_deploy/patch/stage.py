@@ -20,7 +20,8 @@ from pathlib import Path
 from ..base.errors import InputError, ModelFormatError, NetworkError
 from ..base.fsutil import atomic_file, atomic_output_dir, folder_lock, sha256_bytes
 from ..base.manifest import write_manifest
-from ..base.spec import ModelSpec, checkpoint_files, tokenizer_files
+from ..base.spec import ModelSpec
+from ..base.tokfiles import check_model_files
 from ..base.testpoint import pause_point
 from .backup import has_backup, make_backup, read_backup_record, remove_leftovers, replace_file, restore
 from .files import BACKUP_DIR, PATCH_MANIFEST, PROTECTED_KEYS, WEIGHT_SUFFIXES, json_bytes, source_files, \
@@ -57,11 +58,11 @@ def resolve_model(model, revision=None):
                            "pass a local model folder instead") from None
 
 
-def check_folder(folder):
-    """Everything patch needs, checked before anything is written. Returns the ModelSpec."""
+def check_folder(folder, allow_extra_tensors=False):
+    """Everything patch needs (config, shards and their tensors, tokenizer files), checked before anything is
+    written. Returns the ModelSpec."""
     spec = ModelSpec.from_folder(folder)
-    checkpoint_files(folder)
-    tokenizer_files(folder)
+    check_model_files(folder, spec, allow_extra_tensors)
     return spec
 
 
@@ -149,11 +150,12 @@ def _patch_in_place(folder, insert_slice, force, allow_remote_code_files):
             raise
 
 
-def patch_model(model, out=None, insert_slice=True, revision=None, force=False, allow_remote_code_files=False):
+def patch_model(model, out=None, insert_slice=True, revision=None, force=False, allow_remote_code_files=False,
+                allow_extra_tensors=False):
     """Patch `model` in place, or into a new folder `out`. Returns a result dict for the CLI."""
     start = time.perf_counter()
     folder = resolve_model(model, revision)
-    spec = check_folder(folder)
+    spec = check_folder(folder, allow_extra_tensors)
     kept = []
     if out is None:
         written, kept = _patch_in_place(folder, insert_slice, force, allow_remote_code_files)

@@ -28,6 +28,7 @@ from ..base.fsutil import atomic_output_dir, check_output, sha256_file, write_js
 from ..base.manifest import MANIFEST_NAME, write_manifest
 from ..base.memory import peak_rss_bytes
 from ..base.spec import ModelSpec, checkpoint_files, read_config, read_safetensors_header
+from ..base.tokfiles import check_model_files
 from . import report as quantize_report
 from .shards import DTYPE_BYTES, INDEX_NAME, ShardWriter, shard_groups
 
@@ -265,7 +266,7 @@ def _carry_over(src, dst, qconfig, untie):
 
 
 def quantize_model(model, out, bits=8, include_lm_head=False, evaluate=None, max_shard_bytes=None,
-                   overwrite=False, progress=False, min_top1=None, max_kl=None):
+                   overwrite=False, progress=False, min_top1=None, max_kl=None, allow_extra_tensors=False):
     """Quantize the checkpoint in folder `model` into the new folder `out`. Returns a result dict.
 
     evaluate: True / False / None (auto: up to EVAL_AUTO_MAX_PARAMS parameters). The check is layer-streamed
@@ -279,6 +280,7 @@ def quantize_model(model, out, bits=8, include_lm_head=False, evaluate=None, max
     max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
     folder, out = Path(model), Path(out)
     spec, cfg, files, plans = plan_checkpoint(folder, include_lm_head)
+    check_model_files(folder, spec, allow_extra_tensors, tokenizer_required=False)
     check_output(out, [folder], overwrite)  # the output rule, before any work
     from ..patch import remote_code_problems, verify_if_patched
 

@@ -286,12 +286,17 @@ ROWS = {
 
 @pytest.mark.parametrize("name", list(ROWS))
 def test_bad_input_fails_cleanly(world, tmp_path, name):
-    args, watch, words = ROWS[name](world, tmp_path)
+    assert_fails_cleanly(name, *ROWS[name](world, tmp_path), tmp_path)
+
+
+def assert_fails_cleanly(name, args, watch, words, tmp_path, code=None):
+    """One row: `args` fails (with exit `code` when given) in one line holding every word of `words`, the
+    `watch`ed paths are byte-identical and nothing new is left in `tmp_path`."""
     before = {str(p): snapshot(p) for p in watch}
     files_before = listing(tmp_path)
     result = CliRunner().invoke(cli, [str(a) for a in args])
     out = result.output
-    assert result.exit_code not in (0, None), (name, out)
+    assert result.exit_code not in (0, None) and result.exit_code == (code or result.exit_code), (name, out)
     assert result.exception is None or isinstance(result.exception, SystemExit), (name, repr(result.exception))
     assert "Traceback" not in out, (name, out)
     lines = out.splitlines()
