@@ -36,7 +36,7 @@ def read_input_text(path, error=ModelFormatError, max_bytes=None, what="file"):
                     "UTF-8") from None
 
 
-def loads_json(text, where, error=ModelFormatError):
+def loads_json(text, where, error=ModelFormatError, hint=""):
     """JSON with every duplicate key refused, naming the key and `where`; NaN/Infinity refused too."""
     def pairs(items):
         out = {}
@@ -53,7 +53,7 @@ def loads_json(text, where, error=ModelFormatError):
     try:
         return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
     except json.JSONDecodeError as exc:
-        raise error(f"{where}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        raise error(f"{where}: not valid JSON (line {exc.lineno}: {exc.msg}){hint}") from None
     except RecursionError:
         raise error(f"{where}: nested too deeply to be a real file") from None
 

@@ -15,16 +15,19 @@ JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "special_
 MAX_BYTES = 64 << 20  # Qwen2's tokenizer.json is 7 MB
 
 
-def check_model_files(folder, spec, allow_extra_tensors=False, tokenizer_required=True):
+def check_model_files(folder, spec, allow_extra_tensors=False, tokenizer_required=True, vocab_coverage=True):
     """What a stage reads beside config.json, checked at its start: the tensors (every one explained by the
     config unless `allow_extra_tensors`) and the tokenizer files (when there are any, or `tokenizer_required`)."""
     check_tensor_names(folder, spec, allow_extra_tensors)
     if tokenizer_required or any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
-        check_tokenizer_files(folder, spec)
+        check_tokenizer_files(folder, spec, vocab_coverage)
 
 
-def check_tokenizer_files(folder, spec):
-    """Parse and check the tokenizer files of `folder` against `spec` (ModelSpec); returns the largest id."""
+def check_tokenizer_files(folder, spec, vocab_coverage=True):
+    """Parse and check the tokenizer files of `folder` against `spec` (ModelSpec); returns the largest id.
+
+    `vocab_coverage`: refuse a vocab_size below the largest id (patch and calib; export and quantize read
+    weights only, and the test suite exports 1,024-row embeddings under the real tokenizer for speed)."""
     top, where = -1, None
     for path in tokenizer_files(folder):
         if path.name not in JSON_FILES:  # merges.txt, chat_template.jinja
@@ -37,7 +40,7 @@ def check_tokenizer_files(folder, spec):
         for token_id in _ids(path, data):
             if token_id > top:
                 top, where = token_id, path
-    if top >= spec.vocab_size:
+    if vocab_coverage and top >= spec.vocab_size:
         raise ModelFormatError(f"{Path(folder) / 'config.json'}: vocab_size {spec.vocab_size} does not cover the "
                                f"tokenizer's id {top} ({where.name}); the embedding would be indexed past its end: "
                                "use the config and tokenizer that belong together")

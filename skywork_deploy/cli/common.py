@@ -74,6 +74,15 @@ def stop_signals():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
+def check_working_folder():
+    """A deleted current folder makes relative paths meaningless (and torch's oneMKL abort): one line, exit 2."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise UsageError("the current folder was deleted (or moved) while this shell was in it; cd to an existing "
+                         "folder and run the command again") from None
+
+
 def handle_errors(fn):
     """Turn the library's DeployError into a one-line error (exit 2 for UsageError, else 1), never a traceback;
     a stop signal into one line and exit 128+signal, after every cleanup ran (`stop_signals`)."""
@@ -81,6 +90,7 @@ def handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            check_working_folder()
             with stop_signals():
                 return fn(*args, **kwargs)
         except DeployError as exc:

@@ -76,7 +76,7 @@ def _prepare_folder(folder, workdir, allow_extra_tensors=False):
     if problems:
         raise ModelFormatError(problems[0])
     patched = Path(workdir) / "patched"
-    patch_model(str(folder), out=str(patched), allow_extra_tensors=allow_extra_tensors)
+    patch_model(str(folder), out=str(patched), allow_extra_tensors=allow_extra_tensors, check_vocab=False)
     return patched, True
 
 
@@ -134,7 +134,7 @@ def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, 
     timing = {}  # seconds per phase, in the manifest and the result
     src = resolve_model(str(model))
     spec = ModelSpec.from_folder(src)
-    check_model_files(src, spec, allow_extra_tensors, tokenizer_required=False)
+    check_model_files(src, spec, allow_extra_tensors, tokenizer_required=False, vocab_coverage=False)
     cfg = read_config(src)
     quantized = (cfg.get("quantization_config") or {}).get("quant_method") == "vacc_w8a16"
     dtype, int8_format, seq_lens, ort_ops = check_options(spec, dtype, int8_format, seq_lens, quantized, ort_ops)

@@ -58,18 +58,18 @@ def resolve_model(model, revision=None):
                            "pass a local model folder instead") from None
 
 
-def check_folder(folder, allow_extra_tensors=False):
-    """Everything patch needs (config, shards and their tensors, tokenizer files), checked before anything is
-    written. Returns the ModelSpec."""
+def check_folder(folder, allow_extra_tensors=False, check_vocab=True):
+    """Everything patch needs (config, shards and their tensors, tokenizer files and, with `check_vocab`, a
+    vocab_size covering every token id), checked before anything is written. Returns the ModelSpec."""
     spec = ModelSpec.from_folder(folder)
-    check_model_files(folder, spec, allow_extra_tensors)
+    check_model_files(folder, spec, allow_extra_tensors, vocab_coverage=check_vocab)
     return spec
 
 
 def _original_config_bytes(folder):
     """config.json as it was before any patch (from the backup when the folder is patched already)."""
     backup = folder / BACKUP_DIR / "config.json"
-    if backup.is_file() and not backup.is_symlink():
+    if has_backup(folder) and backup.is_file() and not backup.is_symlink():
         read_backup_record(folder)  # a backup is used only when its record is sound
         return backup.read_bytes()
     return (folder / "config.json").read_bytes()
@@ -151,11 +151,11 @@ def _patch_in_place(folder, insert_slice, force, allow_remote_code_files):
 
 
 def patch_model(model, out=None, insert_slice=True, revision=None, force=False, allow_remote_code_files=False,
-                allow_extra_tensors=False):
+                allow_extra_tensors=False, check_vocab=True):
     """Patch `model` in place, or into a new folder `out`. Returns a result dict for the CLI."""
     start = time.perf_counter()
     folder = resolve_model(model, revision)
-    spec = check_folder(folder, allow_extra_tensors)
+    spec = check_folder(folder, allow_extra_tensors, check_vocab)
     kept = []
     if out is None:
         written, kept = _patch_in_place(folder, insert_slice, force, allow_remote_code_files)
