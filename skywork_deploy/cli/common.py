@@ -50,28 +50,46 @@ def stop_signals():
     """While a command runs, SIGINT, SIGTERM and SIGHUP raise Interrupted in the main thread (what CI runners,
     `timeout` and service managers send is handled like Ctrl-C). A second signal during the cleanup is ignored
     so that it finishes; a third ends the process at once. A signal the parent ignores (nohup, a shell without
-    job control) stays ignored."""
+    job control) stays ignored. After an interrupted command the caller's handlers are back at its next signal."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    count = [0]
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    count, done = [0], [False]
 
     def handler(signum, frame):
+        if done[0]:  # the interrupted command has ended: hand this signal to the caller's own handler
+            _restore(previous)
+            old = previous[signum]
+            return old(signum, frame) if callable(old) else os.kill(os.getpid(), signum)
         count[0] += 1
         if count[0] == 1:
             raise Interrupted(signum)
         if count[0] >= 3:
             os._exit(128 + signum)
 
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     for sig, old in previous.items():
         if old is not signal.SIG_IGN:
             signal.signal(sig, handler)
     try:
         yield
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        if count[0]:
+            done[0] = True  # not restored yet: a late second signal must not cut the exit short
+        else:
+            _restore(previous)
+
+
+def _restore(previous):
+    for sig, old in previous.items():
+        signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def ignore_stop_signals():
+    """The console script's last step after a stop signal: a late one may not turn exit 128+N into a death by
+    signal while the interpreter shuts down (which resets Python-level handlers)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def check_working_folder():

@@ -129,13 +129,14 @@ def render_prompts(tokenizer, prompts, chat_template=True):
     return rows
 
 
-def check_context(longest, max_new_tokens, max_positions, error=InputError):
-    """The longest prompt (tokens) plus --max-new-tokens within the model's positions."""
+def check_context(longest, max_new_tokens, max_positions, error=InputError, option="--max-new-tokens",
+                  prompt="prompt"):
+    """The longest prompt (tokens) plus `option` (new tokens) within the model's positions."""
     if max_new_tokens >= max_positions:
-        raise error(f"--max-new-tokens {max_new_tokens}: the model has {max_positions} positions "
+        raise error(f"{option} {max_new_tokens}: the model has {max_positions} positions "
                     "(max_position_embeddings), so at most that many tokens in all; lower it")
     if longest + max_new_tokens > max_positions:
-        raise error(f"prompt ({longest} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's "
+        raise error(f"{prompt} ({longest} tokens) + {option} {max_new_tokens} exceeds the model's "
                     f"max_position_embeddings {max_positions} (shorten one of them)")
 
 

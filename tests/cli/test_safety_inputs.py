@@ -274,3 +274,25 @@ MORE_ROWS = {
 def test_more_classes_of_bad_input(world, tmp_path, name):
     args, watch, words, *code = MORE_ROWS[name](world, tmp_path)
     assert_fails_cleanly(name, args, watch, words, tmp_path, *code)
+
+
+SIZE_ROWS = {
+    "eval --max-tokens over the positions": lambda w, tmp: (
+        ["eval", w["bundle"], "--dataset", eval_file(tmp), "--max-tokens", "5000"], [w["bundle"]],
+        ["--max-tokens 5000", "4096 positions"], 2),
+    "bench --prompt-len over the positions": lambda w, tmp: (
+        ["bench", w["bundle"], "--prompt-len", "8000", "--new-tokens", "2"], [w["bundle"]],
+        ["--prompt-len (8000 tokens)", "4096"], 2),
+}
+
+
+def eval_file(tmp):
+    path = tmp / "p.jsonl"
+    path.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("name", list(SIZE_ROWS))
+def test_sizes_are_checked_against_the_model_before_loading(world, tmp_path, name):
+    args, watch, words, code = SIZE_ROWS[name](world, tmp_path)
+    assert_fails_cleanly(name, args, watch, words, tmp_path, code)

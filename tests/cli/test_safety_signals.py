@@ -90,3 +90,23 @@ def test_a_stop_signal_cleans_up_and_exits_128_plus_signal(world, tmp_path, comm
         assert not lock.exists() and not list((tmp_path / "out").glob(".*.partial-*"))
         files_before = sorted(files_before + [p for p in listing(tmp_path) if p == "out" or p.startswith("out/")])
     assert listing(tmp_path) == files_before, "something was left behind"
+
+
+def test_stop_signals_raise_once_then_hand_back_to_the_callers_handler():
+    from skywork_deploy.cli.common import Interrupted, stop_signals
+
+    seen = []
+    term = signal.getsignal(signal.SIGTERM)
+    previous = signal.signal(signal.SIGHUP, lambda signum, frame: seen.append(signum))
+    try:
+        with pytest.raises(Interrupted) as caught:
+            with stop_signals():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)  # the handler raises at the next bytecode
+        assert caught.value.signum == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGHUP)  # after the interrupted command: the caller's handler again
+        time.sleep(0.01)
+        assert seen == [signal.SIGHUP]
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+        signal.signal(signal.SIGTERM, term)

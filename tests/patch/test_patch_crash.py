@@ -48,7 +48,7 @@ def state(folder):
     return out
 
 
-def stopped_at(args, folder, point, sig):
+def stopped_at(args, folder, point, sig, repeat=1):
     """Run `skywork-deploy ARGS` paused at `point`, send `sig`; (returncode, stderr), or None when it finished
     before reaching the point."""
     pause = folder.parent / "paused"
@@ -64,7 +64,9 @@ def stopped_at(args, folder, point, sig):
         assert proc.returncode == 0, err
         return None
     pause.unlink()
-    proc.send_signal(sig)
+    for _ in range(repeat):  # a second Ctrl-C arrives while the first one's cleanup runs
+        proc.send_signal(sig)
+        time.sleep(0.002)
     _, err = proc.communicate(timeout=60)
     return proc.returncode, err
 
@@ -108,6 +110,15 @@ def test_patch_interrupted_at_any_step_undoes_itself(original, tmp_path, step):
     code, err = stopped_at(["patch", str(m)], m, f"patch:{step}", signal.SIGINT)
     assert code == 130 and "Traceback" not in err, err
     assert err.strip().splitlines() == ["Interrupted (SIGINT); nothing half-written was left in place."], err
+    assert state(m) == before
+
+
+@pytest.mark.parametrize("step", [4, 9, 12])
+def test_ctrl_c_twice_still_undoes_the_half_patch(original, tmp_path, step):
+    m = fresh(original, tmp_path)
+    before = state(m)
+    code, err = stopped_at(["patch", str(m)], m, f"patch:{step}", signal.SIGINT, repeat=2)
+    assert code == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert state(m) == before
 
 
