@@ -65,9 +65,9 @@ def eval_(target, endpoint, model_name, api_key, dataset, problem_key, answer_ke
         raise click.UsageError("give exactly one of TARGET or --endpoint URL")
     if output:
         check_results_file(output, [dataset, target, reference])
+    problems = load_problems(dataset, problem_key, answer_key, split=split, limit=limit)
     for folder in (target, reference):
         _check_tokens(folder, max_tokens)
-    problems = load_problems(dataset, problem_key, answer_key, split=split, limit=limit)
     opened = []
     try:
         tgt = open_target(endpoint or target, backend, threads, int8_accuracy, model=model_name, api_key=api_key)

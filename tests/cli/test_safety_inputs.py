@@ -141,8 +141,6 @@ ROWS = {
         ["model.layers.1.", "does not explain", "--allow-extra-tensors"]),
     "a NaN weight (quantize)": file_row("model.safetensors", with_tensor(_set(LAYER0, (1, 2), float("nan"))),
                                         quantize_cmd, [LAYER0, "NaN", "[1, 2]"]),
-    "an Inf weight (export)": file_row("model.safetensors", with_tensor(_set(LAYER0, (3, 4), float("inf"))),
-                                       export_cmd("--dtype", "fp32"), ["model.safetensors", LAYER0, "NaN or Inf", "[3, 4]"]),
     "a weight past fp16 (export --dtype fp16)": file_row(
         "model.safetensors", with_tensor(_set("model.norm.weight", (5,), 70000.0)), export_cmd("--dtype", "fp16"),
         ["--dtype fp16", "model.norm.weight", "float16", "[5]"]),
@@ -261,7 +259,7 @@ MORE_ROWS = {
     "patch over a backup folder without its record": old_backup,
     "config.json nested 100,000 deep": raw_config(lambda text: ("[" * 100_000 + "]" * 100_000).encode(), patch_cmd,
                                                   ["config.json", "nested too deeply"]),
-    "build.yaml nested 10,000 deep": build_yaml("a: " + "[" * 10_000 + "]" * 10_000 + "\n", ["build.yaml"]),
+    "build.yaml nested 3,000 deep": build_yaml("a: " + "[" * 3_000 + "]" * 3_000 + "\n", ["build.yaml"]),
     "shard index with a key twice": file_row(
         "model.safetensors.index.json", b'{"weight_map": {}, "weight_map": {"a": "model.safetensors"}}',
         quantize_cmd, ["model.safetensors.index.json", "weight_map", "twice"]),

@@ -1,4 +1,4 @@
-"""Issue 29: an in-place patch (and a revert) killed or interrupted at every step leaves a folder that
+"""Issue 29: an in-place patch killed at every step (a revert at every other one) leaves a folder that
 `patch --check` names and `patch --revert` (or `patch` again) restores: always the original bytes.
 
 The child stops at the n-th test point of the step (base/testpoint.py) and is killed there (SIGKILL) or
@@ -92,7 +92,7 @@ def test_patch_killed_at_any_step_is_named_by_check_and_undone_by_revert(origina
     assert state(m) == before
 
 
-@pytest.mark.parametrize("step", range(1, PATCH_POINTS + 1, 3))
+@pytest.mark.parametrize("step", [2, 8, 13])
 def test_patch_killed_at_a_step_is_finished_by_patching_again(original, tmp_path, step):
     m = fresh(original, tmp_path)
     before = state(m)
@@ -103,8 +103,8 @@ def test_patch_killed_at_a_step_is_finished_by_patching_again(original, tmp_path
     assert state(m) == before
 
 
-@pytest.mark.parametrize("step", range(1, PATCH_POINTS + 1, 2))
-def test_patch_interrupted_at_any_step_undoes_itself(original, tmp_path, step):
+@pytest.mark.parametrize("step", range(1, PATCH_POINTS + 1, 3))
+def test_patch_interrupted_at_a_step_undoes_itself(original, tmp_path, step):
     m = fresh(original, tmp_path)
     before = state(m)
     code, err = stopped_at(["patch", str(m)], m, f"patch:{step}", signal.SIGINT)
@@ -113,7 +113,7 @@ def test_patch_interrupted_at_any_step_undoes_itself(original, tmp_path, step):
     assert state(m) == before
 
 
-@pytest.mark.parametrize("step", [4, 9, 12])
+@pytest.mark.parametrize("step", [5, 12])
 def test_ctrl_c_twice_still_undoes_the_half_patch(original, tmp_path, step):
     m = fresh(original, tmp_path)
     before = state(m)
@@ -122,8 +122,8 @@ def test_ctrl_c_twice_still_undoes_the_half_patch(original, tmp_path, step):
     assert state(m) == before
 
 
-@pytest.mark.parametrize("step", range(1, REVERT_POINTS + 1))
-def test_revert_killed_at_any_step_is_finished_by_revert(original, tmp_path, step):
+@pytest.mark.parametrize("step", range(1, REVERT_POINTS + 1, 2))
+def test_revert_killed_at_a_step_is_finished_by_revert(original, tmp_path, step):
     m = fresh(original, tmp_path)
     before = state(m)
     assert cli_run("patch", m).exit_code == 0
