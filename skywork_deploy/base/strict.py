@@ -36,8 +36,8 @@ def read_input_text(path, error=ModelFormatError, max_bytes=None, what="file"):
                     "UTF-8") from None
 
 
-def loads_json(text, where, error=ModelFormatError, hint=""):
-    """JSON with every duplicate key refused, naming the key and `where`; NaN/Infinity refused too."""
+def unique_pairs(where, error=ModelFormatError):
+    """An `object_pairs_hook` for json that refuses a key given twice in one object, naming it and `where`."""
     def pairs(items):
         out = {}
         for key, value in items:
@@ -46,6 +46,12 @@ def loads_json(text, where, error=ModelFormatError, hint=""):
                             "one)")
             out[key] = value
         return out
+    return pairs
+
+
+def loads_json(text, where, error=ModelFormatError, hint=""):
+    """JSON with every duplicate key refused, naming the key and `where`; NaN/Infinity refused too."""
+    pairs = unique_pairs(where, error)
 
     def constant(name):
         raise error(f"{where}: {name} is not a JSON number (write a finite number)")

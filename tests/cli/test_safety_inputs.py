@@ -254,6 +254,14 @@ def old_backup(w, tmp):
     return ["patch", m], [m], [".skywork_deploy_backup", "without its record.json"]
 
 
+def alpaca_twice(w, tmp):
+    src = tmp / "alpaca.json"
+    src.write_text('[{"instruction": "a", "output": "b", "output": "c"}]')
+    return ["calib", "--dataset", "alpaca", "--source", src, "--model", w["model"], "-o", tmp / "c"], [src], \
+        ["alpaca.json", "'output' appears twice"]
+
+
+
 MORE_ROWS = {
     "patch while another patch runs": locked_patch,
     "patch over a backup folder without its record": old_backup,
@@ -263,6 +271,7 @@ MORE_ROWS = {
     "shard index with a key twice": file_row(
         "model.safetensors.index.json", b'{"weight_map": {}, "weight_map": {"a": "model.safetensors"}}',
         quantize_cmd, ["model.safetensors.index.json", "weight_map", "twice"]),
+    "calib: an Alpaca entry with a key twice": alpaca_twice,
     "eval: a CSV field over the cap": eval_row("problem,answer\n" + "x" * 300_000 + ",1\n", ["p.csv", "field"],
                                                name="p.csv"),
 }
