@@ -35,7 +35,7 @@ OVERHEAD_CODE = "import torch, safetensors, safetensors.torch"
 BASELINE_CODE = (
     "import json, sys, time, torch\n"
     "from skywork_deploy.base.modeling import load_model\n"
-    "from skywork_deploy.base.fsutil import peak_rss_bytes\n"
+    "from skywork_deploy.base.memory import peak_rss_bytes\n"
     "t = time.perf_counter()\n"
     "model = load_model(sys.argv[1], 'bf16').quantize(8)\n"
     "n = sum(p.numel() for p in model.parameters())\n"

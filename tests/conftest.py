@@ -59,6 +59,22 @@ def tiny_model(tiny_model_factory, tmp_path):
     return copy_model(tiny_model_factory(), tmp_path / "model")
 
 
+@pytest.fixture(scope="session")
+def world(tiny_model_factory, tmp_path_factory):
+    """A model, a patched copy and an fp32 export bundle, shared (read only) by the safety tests."""
+    from skywork_deploy.export import export_model
+    from skywork_deploy.patch import patch_model
+
+    base = tmp_path_factory.mktemp("safety")
+    model = base / "model"
+    shutil.copytree(tiny_model_factory(), model)
+    patched = base / "patched"
+    patch_model(model, out=patched)
+    bundle = base / "bundle"
+    export_model(patched, bundle, dtype="fp32", simplify=False)
+    return {"model": model, "patched": patched, "bundle": bundle}
+
+
 def copy_model(src, dst):
     shutil.copytree(src, dst)
     return dst

@@ -1,8 +1,10 @@
 """Files written safely: the output rule, temporary folders renamed at the end, locks, hashes, links.
 
-The output rule, for every command that writes (`check_output`): the output may never be, contain or sit
-inside an input; an existing output is replaced only with `overwrite`, and only when it carries a manifest of
-ours (a folder skywork-deploy wrote). Temporary folders carry a marker file naming the process that made
+The output rule, for every path a command writes: the output may never be, contain or sit inside an input;
+an existing output is replaced only when skywork-deploy wrote it (a folder: with `overwrite` and a manifest of
+ours, `check_output`; a file: when `ours(path)` recognises it, `check_output_file`); and every file is written
+to a temporary name and renamed (`write_text`, `atomic_file`) or opened as a new file (`open_new`), so it is
+never opened through an existing link. Temporary folders carry a marker file naming the process that made
 them, so a later run of the same command removes the ones a killed run left behind (`remove_stale`).
 """
 import contextlib
@@ -16,7 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import ExternalToolError, InputError
+from .errors import InputError
+from .process import find_tool, wait_interruptibly  # noqa: F401  (serve/vastgenx.py imports them from here)
+from .testpoint import pause_point
 
 log = logging.getLogger(__name__)
 MARKER = ".skywork_deploy_partial.json"    # inside every temporary folder we create
@@ -24,42 +28,6 @@ LOCK_NAME = ".skywork_deploy.lock"         # inside a folder a long command owns
 STAGING = "making-"                        # a temporary folder's name until its marker is written
 # Manifests that say "skywork-deploy wrote this folder" (patch's only for a copy, never for an in-place patch).
 OUR_MANIFESTS = ("skywork_deploy_manifest.json", "manifest.json", "skywork_deploy_patch.json")
-
-
-def wait_interruptibly(proc, timeout=None, poll=0.25):
-    """`proc.wait(timeout)` that Ctrl-C always interrupts.
-
-    A blocking wait never returns to Python when SIGINT is delivered to another thread of the process (the
-    output reader), so KeyboardInterrupt would wait for the child to exit; short waits in a loop let the main
-    thread notice it within `poll` seconds. Raises subprocess.TimeoutExpired at `timeout`, as wait does.
-    """
-    import subprocess
-
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        left = poll if deadline is None else min(poll, deadline - time.monotonic())
-        try:
-            return proc.wait(timeout=max(left, 0))
-        except subprocess.TimeoutExpired:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise
-
-
-def find_tool(name, option, env_var, explicit=None, environ=None, missing_hint=""):
-    """An external program's absolute path: `explicit` (the option), else $env_var, else `name` on PATH."""
-    environ = os.environ if environ is None else environ
-    for source, value in ((option, explicit), (env_var, environ.get(env_var))):
-        if value:
-            found = shutil.which(value, path=environ.get("PATH"))
-            if found is None:
-                raise ExternalToolError(f"{name}: {source} {value} is not an executable file "
-                                        "(fix the path or make it executable)")
-            return str(Path(found).absolute())
-    found = shutil.which(name, path=environ.get("PATH"))
-    if found is None:
-        raise ExternalToolError(f"{name} not found: {option} not given, {env_var} not set, no `{name}` on PATH; "
-                                f"{missing_hint}")
-    return str(Path(found).absolute())
 
 
 def sha256_file(path, chunk=1 << 22):
@@ -81,18 +49,46 @@ def write_json(path, data):
     write_text(path, text)
 
 
-def write_text(path, text):
+def write_text(path, text, fsync=False):
+    """Write `text` through a new temporary file renamed over `path` (a link at `path` is replaced, never
+    written through). `fsync`: the data reaches the disk before the rename (crash-safe journals)."""
+    with atomic_file(path, "w", fsync=fsync) as fh:
+        fh.write(text)
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="w", fsync=False, keep_on_error=False, tmp_dir=None):
+    """A file handle on a new temporary file beside `path` (or in `tmp_dir`, same file system), created with
+    O_EXCL, so never an existing link, and renamed to `path` at the end; removed on an error unless
+    `keep_on_error` (a log wanted after a failure)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=tmp_dir or path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            try:
+                yield fh
+            finally:
+                if fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
+        if keep_on_error and os.path.exists(tmp):
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(folder):
+    """Make renames and new names inside `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
 
 
 # ------------------------------------------------------------------------------------- the output rule
@@ -100,23 +96,60 @@ def _real(path):
     return Path(os.path.realpath(Path(path).expanduser()))
 
 
-def check_not_input(out, inputs, option="-o/--out", may_contain=False):
-    """Refuse an output that is, contains or sits inside one of `inputs` (paths; None entries are ignored).
-
-    `may_contain` lets a build folder hold its input (the demo's model lives in BUILD/model); its stage
-    folders are then checked one by one.
-    """
+def check_not_input(out, inputs, option="-o/--out"):
+    """Refuse an output that is, contains or sits inside one of `inputs` (paths; None entries are ignored)."""
     real_out = _real(out)
     for given in inputs:
         if given is None or not Path(str(given)).expanduser().exists():
             continue  # a hub id or a missing path: nothing on disk to protect
         real_in = _real(given)
-        if real_out == real_in:
-            raise InputError(f"{option} {out}: is the input {given}; choose a new output folder")
-        if real_out in real_in.parents and not may_contain:
-            raise InputError(f"{option} {out}: contains the input {given}; choose an output folder outside it")
+        if real_out == real_in or _same_inode(out, given):  # a hard link to the input is the input
+            raise InputError(f"{option} {out}: is the input {given}; choose a new output")
+        if real_out in real_in.parents:
+            raise InputError(f"{option} {out}: contains the input {given}; choose an output outside it")
         if real_in in real_out.parents:
-            raise InputError(f"{option} {out}: is inside the input {given}; choose an output folder outside it")
+            raise InputError(f"{option} {out}: is inside the input {given}; choose an output outside it")
+
+
+def _same_inode(a, b):
+    try:
+        return os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
+    except OSError:
+        return False
+
+
+def check_output_file(path, inputs=(), option="-o/--output", ours=None):
+    """The output rule for one file (see the module docstring). Returns True when an existing file of ours
+    will be replaced. `ours(path) -> bool` recognises a file skywork-deploy wrote (None: never replace one)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        raise InputError(f"{option} {path}: is a folder; give a file name")
+    check_not_input(path, inputs, option)
+    if path.is_symlink():
+        raise InputError(f"{option} {path}: is a symbolic link; skywork-deploy never writes through or replaces "
+                         "a link (remove it or choose another file)")
+    if not path.exists():
+        return False
+    if not path.is_file() or ours is None or not ours(path):
+        raise InputError(f"{option} {path}: exists and was not written by skywork-deploy, so it is not replaced; "
+                         "remove it yourself or choose another file")
+    return True
+
+
+def starts_with(prefix):
+    """An `ours` test for check_output_file: the file begins with the bytes `prefix` (a stamp we write)."""
+    def test(path):
+        try:
+            with open(path, "rb") as fh:
+                return fh.read(len(prefix)) == prefix
+        except OSError:
+            return False
+    return test
+
+
+def ours_json(path):
+    """An `ours` test for check_output_file: a JSON object carrying our format key (manifests, records)."""
+    return (read_marker(path) or {}).get("format") == "skywork-deploy"
 
 
 def written_by_us(folder):
@@ -132,6 +165,15 @@ def written_by_us(folder):
             continue  # a model folder patched in place is the user's folder, never ours to delete
         return data["stage"]
     return None
+
+
+def open_new(path, inputs=(), option="the log", ours=None):
+    """Open `path` for writing as a new file, for a log read while it grows: the output rule checked, an old
+    file of ours removed first, then O_EXCL | O_NOFOLLOW, so never through a link that appeared meanwhile."""
+    if check_output_file(path, inputs, option, ours):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    return os.fdopen(fd, "w", encoding="utf-8")
 
 
 def check_output(out, inputs=(), overwrite=False, option="-o/--out"):
@@ -314,6 +356,7 @@ def atomic_output_dir(out, overwrite=False, inputs=(), option="-o/--out"):
     remove_stale(out.parent, f".{out.name}.old-")
     tmp = _make_marked_dir(out.parent, f".{out.name}.partial-", out)
     try:
+        pause_point("output")
         yield tmp
         check_output(out, inputs, overwrite, option)  # still true after the work (the folder may have changed)
     except BaseException:
@@ -329,26 +372,3 @@ def atomic_output_dir(out, overwrite=False, inputs=(), option="-o/--out"):
     if old is not None:
         _remove_marked(old)
         log.warning("replaced %s (a %s folder skywork-deploy wrote earlier)", out, replaced)  # said, never silent
-
-
-def link_or_copy(src, dst):
-    """Hard link `src` at `dst`, else a symlink, else a copy. Returns the method used."""
-    src, dst = Path(src), Path(dst)
-    try:
-        os.link(src, dst)
-        return "hardlink"
-    except OSError:
-        pass
-    try:
-        os.symlink(src.resolve(), dst)
-        return "symlink"
-    except OSError:
-        shutil.copy2(src, dst)
-        return "copy"
-
-
-def peak_rss_bytes():
-    """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

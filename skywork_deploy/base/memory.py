@@ -150,3 +150,10 @@ def check_session_fits(graphs, mode, what="an ONNX Runtime session", sessions=1,
         raise MemoryBudgetError(f"{fit.message}; free memory, use a machine with more, or use a smaller dtype "
                                 "(int8 with --int8-accuracy fast)")
     return fit
+
+
+def peak_rss_bytes():
+    """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

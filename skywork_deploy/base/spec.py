@@ -4,13 +4,13 @@
 (layers, heads, vocab, rope_theta, tied embeddings...). `checkpoint_files(path)` lists the safetensors
 shards (single file or index plus every shard it names) and checks each exists.
 """
-import json
 import math
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import ModelFormatError
+from .strict import loads_json, read_json_file
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 TOKENIZER_SIDE_FILES = (
@@ -85,6 +85,7 @@ LIMITS = {
 REQUIRED_SIZES = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
 OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 MIN_POSITIONS = 16
+TORCH_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _is_int(value):
@@ -151,19 +152,18 @@ def check_config(cfg, where="config.json"):
     tie = cfg.get("tie_word_embeddings")
     if tie is not None and not isinstance(tie, bool):
         raise ModelFormatError(f"{where}: tie_word_embeddings is {tie!r}; it must be true or false")
-    dtype = cfg.get("torch_dtype") or cfg.get("dtype")
-    if dtype is not None and not isinstance(dtype, str):
-        raise ModelFormatError(f"{where}: torch_dtype is {dtype!r}; it must be a string such as \"bfloat16\"")
+    for key in ("torch_dtype", "dtype"):
+        if cfg.get(key) is not None and cfg[key] not in TORCH_DTYPES:
+            raise ModelFormatError(f"{where}: {key} is {cfg[key]!r}; expected one of {', '.join(TORCH_DTYPES)} "
+                                   "(the dtype the checkpoint's weights are stored in)")
 
 
-def read_json(path):
+def read_json(path, max_bytes=None):
+    """A model file's JSON: duplicate keys, NaN, non-UTF-8 text and unreadable files refused naming it."""
     path = Path(path)
     if not path.is_file():
         raise ModelFormatError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFormatError(f"{path}: not valid JSON ({exc})") from None
+    return read_json_file(path, ModelFormatError, max_bytes)
 
 
 def read_config(folder):
@@ -213,8 +213,8 @@ def read_safetensors_header(path):
         if n > min(size - 8, 100_000_000):
             raise ModelFormatError(f"{path}: corrupt safetensors header (re-download or re-save it)")
         try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = loads_json(fh.read(n).decode("utf-8"), f"{path}: corrupt safetensors header")
+        except UnicodeDecodeError:
             raise ModelFormatError(f"{path}: corrupt safetensors header (re-download or re-save it)") from None
     if not isinstance(header, dict):
         raise ModelFormatError(f"{path}: corrupt safetensors header (re-download or re-save it)")
@@ -246,6 +246,38 @@ def _check_entry(path, name, entry):
         raise ModelFormatError(f"{bad}: shape {shape} of {dtype} does not match its {offsets[1] - offsets[0]} "
                                "data bytes (re-download or re-save the file)")
     return offsets[1]
+
+
+LAYER_TENSORS = (
+    "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
+    "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.o_proj.weight", "mlp.gate_proj.weight",
+    "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight",
+    "self_attn.rotary_emb.inv_freq",  # a buffer older checkpoints saved
+)
+
+
+def explained_tensors(spec, quantized=False):
+    """Every tensor name a Qwen2 checkpoint of `spec` may hold (int8 ones: each projection's `_scale` too)."""
+    names = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    names |= {f"model.layers.{i}.{name}" for i in range(spec.num_layers) for name in LAYER_TENSORS}
+    if quantized:
+        names |= {f"{n}_scale" for n in names if n.endswith("_proj.weight") or n.startswith(("lm_head", "model.embed"))}
+    return names
+
+
+def check_tensor_names(folder, spec, allow_extra=False):
+    """Refuse tensors config.json does not explain (a layer past num_hidden_layers, a vision tower, a LoRA...):
+    every stage would carry or drop them silently. `allow_extra` (--allow-extra-tensors) accepts them."""
+    folder = Path(folder)
+    quantized = isinstance(read_config(folder).get("quantization_config"), dict)
+    found = {name for f in checkpoint_files(folder) for name in read_safetensors_header(f) if name != "__metadata__"}
+    extra = sorted(found - explained_tensors(spec, quantized))
+    if extra and not allow_extra:
+        shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        raise ModelFormatError(f"{folder}: {len(extra)} tensor(s) that config.json does not explain ({shown}); "
+                               "check that config.json belongs to these weights, or pass --allow-extra-tensors "
+                               "to go on without them")
+    return extra
 
 
 def tokenizer_files(folder):

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from ..base.errors import DataFormatError, InputError
+from ..base.strict import unique_pairs
 from .render import render_alpaca, render_ceval
 from .safeio import FILE_CAP, MEMBER_CAP, ItemBudget, ZipBudget, iter_lines, open_zip, read_file_capped
 
@@ -60,7 +61,7 @@ def iter_c4_texts(name, path, progress=None):
             raise DataFormatError(f"{path}: line {line_no}: not UTF-8 (byte {exc.start}); re-download the shard") \
                 from None
         try:
-            record = json.loads(text)
+            record = json.loads(text, object_pairs_hook=unique_pairs(f"{path}: line {line_no}", DataFormatError))
         except json.JSONDecodeError as exc:
             raise DataFormatError(f"{path}: line {line_no}: malformed JSON ({exc.msg} at column {exc.colno})") \
                 from None
@@ -217,7 +218,7 @@ _SPACE = re.compile(r"[ \t\n\r]*")
 
 def _json_array(text, path):
     """Yield (index, value) of the top-level JSON array in `text`, one entry at a time (never all at once)."""
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(object_pairs_hook=unique_pairs(str(path), DataFormatError))
     pos = _SPACE.match(text).end()
     if pos == len(text):
         raise DataFormatError(f"{path}: empty file (expected a JSON array of instruction records)")

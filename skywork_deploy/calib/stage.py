@@ -16,7 +16,8 @@ import numpy as np
 from ..base.errors import InputError, ModelFormatError
 from ..base.fsutil import atomic_output_dir, check_output, sha256_file
 from ..base.manifest import read_manifest, write_manifest
-from ..base.spec import tokenizer_files
+from ..base.spec import ModelSpec, tokenizer_files
+from ..base.tokfiles import check_tokenizer_files
 from . import readers, sampling
 from .sources import resolve_sources
 
@@ -126,6 +127,8 @@ def load_tokenizer(model):
     from ..patch import resolve_model
 
     folder = resolve_model(str(model))
+    if (folder / "config.json").is_file():  # the windows index the embedding: vocab_size must cover every id
+        check_tokenizer_files(folder, ModelSpec.from_folder(folder))
     hashes = {f.name: sha256_file(f) for f in tokenizer_files(folder)}
     combined = hashlib.sha256("".join(f"{n}:{h}\n" for n, h in sorted(hashes.items())).encode()).hexdigest()
     key = (str(folder.resolve()), combined)

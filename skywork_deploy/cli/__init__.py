@@ -91,4 +91,11 @@ def cli(verbose, quiet):
 
 
 def main():
-    cli(prog_name="skywork-deploy")
+    try:
+        cli(prog_name="skywork-deploy")
+    except SystemExit as exc:
+        if isinstance(exc.code, int) and exc.code > 128:  # stopped by a signal (cli/common.py)
+            from .common import ignore_stop_signals
+
+            ignore_stop_signals()
+        raise

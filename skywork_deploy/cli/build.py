@@ -84,7 +84,7 @@ def build(model, config_file, dtype, out, demo, calib_dataset, calib_source, nsa
         ensure_demo_model(settings.model)
     elif config_file:
         try:  # a wrong build.yaml is a usage error, like a wrong option (exit 2)
-            settings = BuildSettings.from_yaml(Path(config_file).read_text(encoding="utf-8"), where=config_file)
+            settings = BuildSettings.from_file(config_file)
         except ConfigError as exc:
             raise CommandError(str(exc), EXIT_USAGE) from None
         settings.resolve_paths(Path(config_file).resolve().parent)  # relative to the file, not the shell

@@ -2,14 +2,18 @@
 
 Exit codes, the same in every command: 0 success; 1 the work failed (a check did not pass, a file is corrupt,
 the disk filled up, the compiler failed); 2 a usage error (an unknown or missing option, a bad option value,
-a missing or wrong path). With `--json`, stdout always carries one JSON object: the result with `"ok": true`,
+a missing or wrong path); 128+N when signal N stopped it (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP). With `--json`, stdout always carries one JSON object: the result with `"ok": true`,
 or `{"ok": false, "error": ..., "stage": ..., "exit_code": ...}` (written by the group, cli/__init__.py).
 """
+import contextlib
 import errno
 import functools
 import json
+import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -30,21 +34,93 @@ class CommandError(click.ClickException):
         self.exit_code, self.stage, self.details = exit_code, stage, details or {}
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (or SIGINT), raised like Ctrl-C's KeyboardInterrupt so that every cleanup runs."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While a command runs, SIGINT, SIGTERM and SIGHUP raise Interrupted in the main thread (what CI runners,
+    `timeout` and service managers send is handled like Ctrl-C). A second signal during the cleanup is ignored
+    so that it finishes; a third ends the process at once. A signal the parent ignores (nohup, a shell without
+    job control) stays ignored. After an interrupted command the caller's handlers are back at its next signal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    count, done = [0], [False]
+
+    def handler(signum, frame):
+        if done[0]:  # the interrupted command has ended: hand this signal to the caller's own handler
+            _restore(previous)
+            old = previous[signum]
+            return old(signum, frame) if callable(old) else os.kill(os.getpid(), signum)
+        count[0] += 1
+        if count[0] == 1:
+            raise Interrupted(signum)
+        if count[0] >= 3:
+            os._exit(128 + signum)
+
+    for sig, old in previous.items():
+        if old is not signal.SIG_IGN:
+            signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        if count[0]:
+            done[0] = True  # not restored yet: a late second signal must not cut the exit short
+        else:
+            _restore(previous)
+
+
+def _restore(previous):
+    for sig, old in previous.items():
+        signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def ignore_stop_signals():
+    """The console script's last step after a stop signal: a late one may not turn exit 128+N into a death by
+    signal while the interpreter shuts down (which resets Python-level handlers)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def check_working_folder():
+    """A deleted current folder makes relative paths meaningless (and torch's oneMKL abort): one line, exit 2."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise UsageError("the current folder was deleted (or moved) while this shell was in it; cd to an existing "
+                         "folder and run the command again") from None
+
+
 def handle_errors(fn):
-    """Turn the library's DeployError into a one-line error (exit 2 for UsageError, else 1), never a traceback."""
+    """Turn the library's DeployError into a one-line error (exit 2 for UsageError, else 1), never a traceback;
+    a stop signal into one line and exit 128+signal, after every cleanup ran (`stop_signals`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            check_working_folder()
+            with stop_signals():
+                return fn(*args, **kwargs)
         except DeployError as exc:
             code = EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
             raise CommandError(str(exc), code, getattr(exc, "stage", None)) from None
         except OSError as exc:  # the disk filled up or a path is not writable mid-run: one line, not a traceback
             raise CommandError(os_error_message(exc)) from None
-        except KeyboardInterrupt:
-            click.echo("Interrupted; nothing half-written was left in place.", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            hint = getattr(exc, "hint", None) or "nothing half-written was left in place"
+            click.echo(f"Interrupted ({signal.Signals(signum).name}); {hint}.", err=True)
+            sys.exit(128 + signum)
 
     return wrapper
 
@@ -136,6 +212,11 @@ def stage_echo():
     from ..base.verbosity import stage_lines
 
     return (lambda text: click.echo(text, err=True)) if stage_lines() else (lambda text: None)
+
+
+def extra_tensors_option(fn):
+    return click.option("--allow-extra-tensors", is_flag=True,
+                        help="Accept checkpoint tensors config.json does not explain (refused by default).")(fn)
 
 
 def json_option(fn):

@@ -58,12 +58,16 @@ def eval_(target, endpoint, model_name, api_key, dataset, problem_key, answer_ke
       skywork-deploy eval ./b --dataset q.csv --problem-key Question --answer-key Gold -o results.jsonl
     """
     from ..evaluate.datasets import load_problems
-    from ..evaluate.runner import report_lines, run_eval
+    from ..evaluate.runner import check_results_file, report_lines, run_eval
     from ..evaluate.targets import open_target
 
     if (target is None) == (endpoint is None):
         raise click.UsageError("give exactly one of TARGET or --endpoint URL")
+    if output:
+        check_results_file(output, [dataset, target, reference])
     problems = load_problems(dataset, problem_key, answer_key, split=split, limit=limit)
+    for folder in (target, reference):
+        _check_tokens(folder, max_tokens)
     opened = []
     try:
         tgt = open_target(endpoint or target, backend, threads, int8_accuracy, model=model_name, api_key=api_key)
@@ -85,3 +89,16 @@ def eval_(target, endpoint, model_name, api_key, dataset, problem_key, answer_ke
         click.echo(line)
     if output:
         click.echo(f"per-problem results: {output}", err=True)
+
+
+def _check_tokens(folder, max_tokens):
+    """--max-tokens against a local target's positions, before its backend loads (exit 2)."""
+    from pathlib import Path
+
+    if folder is None or not Path(folder).is_dir():
+        return  # an endpoint URL: the server says
+    from ..base.errors import UsageError
+    from ..runtime.bundle import open_bundle
+    from ..runtime.generate import check_context
+
+    check_context(1, max_tokens, open_bundle(folder).spec.max_positions, UsageError, "--max-tokens")

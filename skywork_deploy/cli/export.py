@@ -1,7 +1,7 @@
 """`skywork-deploy export`: thin CLI over skywork_deploy.export."""
 import click
 
-from .common import PathArg, emit_json, handle_errors, json_option, parse_int_list
+from .common import PathArg, emit_json, extra_tensors_option, handle_errors, json_option, parse_int_list
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,9 +19,10 @@ from .common import PathArg, emit_json, handle_errors, json_option, parse_int_li
               help="Fixed prefill bucket(s), multiples of 16 (repeat or comma-separate). Default: dynamic axes.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT folder.")
+@extra_tensors_option
 @json_option
 @handle_errors
-def export(model, out, dtype, int8_format, ort_ops, seq_lens, no_simplify, overwrite, as_json):
+def export(model, out, dtype, int8_format, ort_ops, seq_lens, no_simplify, overwrite, allow_extra_tensors, as_json):
     """Export the prefill and decode ONNX graphs of MODEL and validate them against the torch reference.
 
     MODEL is a plain Qwen2 folder (patched on the fly in a temporary copy), a patched folder, or a folder
@@ -43,7 +44,8 @@ def export(model, out, dtype, int8_format, ort_ops, seq_lens, no_simplify, overw
     from ..export import export_model
 
     result = export_model(model, out, dtype=dtype, int8_format=int8_format, seq_lens=seq_lens,
-                          simplify=not no_simplify, overwrite=overwrite, ort_ops=ort_ops)
+                          simplify=not no_simplify, overwrite=overwrite, ort_ops=ort_ops,
+                          allow_extra_tensors=allow_extra_tensors)
     if as_json:
         emit_json(result)
         return

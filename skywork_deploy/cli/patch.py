@@ -1,7 +1,7 @@
 """`skywork-deploy patch`: thin CLI over skywork_deploy.patch."""
 import click
 
-from .common import CommandError, PathArg, emit_json, handle_errors, json_option
+from .common import CommandError, PathArg, emit_json, extra_tensors_option, handle_errors, json_option
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,9 +18,11 @@ from .common import CommandError, PathArg, emit_json, handle_errors, json_option
               help="Re-patch or revert even over hand-edited patched files (each is kept as <name>.edited-<time>).")
 @click.option("--allow-remote-code-files", is_flag=True,
               help="Accept auto_map entries in other JSON files (tokenizer, processor) that trust_remote_code runs.")
+@extra_tensors_option
 @json_option
 @handle_errors
-def patch(model, out, revert, check, insert_slice, revision, force, allow_remote_code_files, as_json):
+def patch(model, out, revert, check, insert_slice, revision, force, allow_remote_code_files, allow_extra_tensors,
+          as_json):
     """Write the VACC Qwen2 model files and config_vacc.json into MODEL.
 
     MODEL is a local Qwen2 folder or a hub id (downloaded when a network exists). In place, every changed
@@ -47,7 +49,8 @@ def patch(model, out, revert, check, insert_slice, revision, force, allow_remote
         message = f"{model}: patched with this version of skywork-deploy."
     else:
         result = stage.patch_model(model, out=out, insert_slice=insert_slice, revision=revision, force=force,
-                                   allow_remote_code_files=allow_remote_code_files)
+                                   allow_remote_code_files=allow_remote_code_files,
+                                   allow_extra_tensors=allow_extra_tensors)
         linked = ", ".join(sorted(set(result["weights_linked"].values()))) or "in place"
         message = (f"Patched {result['folder']} in {result['seconds']:.2f} s "
                    f"({len(result['written'])} files written; weights: {linked}).")

@@ -4,7 +4,7 @@ import logging
 import click
 
 from ..quantize.report import MAX_KL, MIN_TOP1
-from .common import PathArg, emit_json, handle_errors, json_option
+from .common import PathArg, emit_json, extra_tensors_option, handle_errors, json_option
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,9 +24,11 @@ from .common import PathArg, emit_json, handle_errors, json_option
 @click.option("--max-shard-size", default="1GB", show_default=True,
               help="Largest output shard (capped by the largest tensor, which bounds memory).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only after success).")
+@extra_tensors_option
 @json_option
 @handle_errors
-def quantize(model, out, bits, include_lm_head, evaluate, min_top1, max_kl, max_shard_size, overwrite, as_json):
+def quantize(model, out, bits, include_lm_head, evaluate, min_top1, max_kl, max_shard_size, overwrite,
+             allow_extra_tensors, as_json):
     """Weight-only per-channel int8 (W8A16) of a Qwen2 checkpoint, streamed tensor by tensor.
 
     Reads MODEL (plain or patched; bf16, fp16 or fp32 safetensors, single or sharded) one tensor at a
@@ -50,7 +52,8 @@ def quantize(model, out, bits, include_lm_head, evaluate, min_top1, max_kl, max_
     progress = logging.getLogger().isEnabledFor(logging.WARNING)
     result = stage.quantize_model(model, out, bits=bits, include_lm_head=include_lm_head, evaluate=evaluate,
                                   max_shard_bytes=stage.parse_size(max_shard_size), overwrite=overwrite,
-                                  progress=progress, min_top1=min_top1, max_kl=max_kl)
+                                  progress=progress, min_top1=min_top1, max_kl=max_kl,
+                                  allow_extra_tensors=allow_extra_tensors)
     if as_json:
         emit_json(result)
         return

@@ -76,10 +76,11 @@ def run(bundle, prompts, backend, threads, int8_accuracy, endpoint, model_name, 
                             no_chat_template, as_json)
     from ..runtime.backends import make_backend
     from ..runtime.bundle import load_tokenizer, open_bundle
-    from ..runtime.generate import generate_text
+    from ..runtime.generate import generate_text, precheck
 
     folder = open_bundle(bundle)
     tokenizer = load_tokenizer(folder)
+    precheck(tokenizer, list(prompts), max_new_tokens, folder.spec.max_positions, not no_chat_template)  # exit 2
     engine = make_backend(backend, folder, threads=threads, int8_accuracy=int8_accuracy)
 
     result = generate_text(engine, tokenizer, list(prompts), max_new_tokens=max_new_tokens,

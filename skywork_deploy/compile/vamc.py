@@ -25,13 +25,16 @@ from .config import plan_compile, resolve_build_folder
 from .settings import PREFLIGHT_CHECKS, raise_problems
 from .output import OUTPUT_CHECKS, find_suites, provide_tokenizer, rank_warnings
 from ..base.errors import ConfigError, ExternalToolError, InputError
-from ..base.fsutil import find_tool, sha256_file, wait_interruptibly, write_text
+from ..base.fsutil import check_not_input, check_output_file, open_new, ours_json, sha256_file, starts_with, \
+    write_text
+from ..base.process import find_tool, wait_interruptibly
 from ..base.manifest import write_manifest
 
 log = logging.getLogger(__name__)
 ENV_VAR = "SKYWORK_DEPLOY_VAMC"
 TAIL_LINES = 20
 KILL_GRACE_SECONDS = 5.0
+LOG_IS_OURS = starts_with(b"# command: ")  # the first line of every compile log we write
 
 
 def find_vamc(explicit=None, environ=None):
@@ -115,6 +118,7 @@ def run_vamc(config_path, vamc=None, timeout=None, env=None, cwd=None, echo=None
     workspace = cwd / workspace
     out_dir = workspace / name
     command = vamc_command(find_vamc(vamc), config_path)
+    check_not_input(out_dir, _inputs(checkpoint), "--workspace (the compiler's output)")
     workspace.mkdir(parents=True, exist_ok=True)
     log_path = workspace / f"{name}.compile.log"
     extra = dict(env or {})
@@ -123,7 +127,7 @@ def run_vamc(config_path, vamc=None, timeout=None, env=None, cwd=None, echo=None
     if echo is not None:
         echo.write(f"$ {line}\n")
     start_wall, start = time.time(), time.monotonic()
-    with open(log_path, "w", encoding="utf-8") as log_file:
+    with open_new(log_path, _inputs(checkpoint), "the compile log", LOG_IS_OURS) as log_file:
         log_file.write(f"# command: {line}\n# cwd: {cwd}\n")
         log_file.flush()
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -162,11 +166,15 @@ def run_vamc(config_path, vamc=None, timeout=None, env=None, cwd=None, echo=None
             "seconds": seconds, "compiled": True, "output_checks": checks, "warnings": warnings}
 
 
-def write_config(path, text):
-    """Write the YAML atomically. An existing different file is kept as FILE.bak (or FILE.bak.N)."""
+def _inputs(checkpoint):
+    return [checkpoint] if checkpoint else []
+
+
+def write_config(path, text, checkpoint=None):
+    """Write the YAML atomically (the output rule: never in the model folder, never through a link). An existing
+    different file is kept as FILE.bak (or FILE.bak.N)."""
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder (give a file name for --config-out)")
+    check_output_file(path, _inputs(checkpoint), "--config-out", ours=lambda p: True)  # not lost: kept as .bak
     path.parent.mkdir(parents=True, exist_ok=True)
     backup = None
     if path.exists():
@@ -227,18 +235,19 @@ def _compile_one(plan, vamc, timeout, dry_run, config_out, cwd, echo):
               "config_path": str(config_path), "yaml": plan.yaml_text, "env": plan.env,
               "num_parameters": plan.spec.num_parameters, "dry_run": dry_run, "config_written": None,
               "compiled": False, "checks": checks, "warnings": list(plan.warnings)}
+    _check_outputs(plan, config_path if config_out or not dry_run else None, None if dry_run else workspace)
     if dry_run:
         try:
             found, missing = find_vamc(vamc), None
         except ExternalToolError as exc:
             found, missing = "vamc", str(exc)
         if config_out:
-            result["config_written"] = write_config(config_path, plan.yaml_text)
+            result["config_written"] = write_config(config_path, plan.yaml_text, plan.checkpoint)
         command = vamc_command(found, config_path)
         result.update(command=command, vamc_missing=missing,
                       command_line=shlex.join([f"{k}={v}" for k, v in sorted(plan.env.items())] + command))
         return result
-    result["config_written"] = write_config(config_path, plan.yaml_text)
+    result["config_written"] = write_config(config_path, plan.yaml_text, plan.checkpoint)
     run = run_vamc(config_path, vamc=vamc, timeout=timeout, env=plan.env, cwd=cwd, echo=echo)
     result.update({k: v for k, v in run.items() if k not in ("output_checks", "warnings")},
                   checks=checks + run["output_checks"], warnings=result["warnings"] + run["warnings"])
@@ -249,6 +258,18 @@ def _compile_one(plan, vamc, timeout, dry_run, config_out, cwd, echo):
                    output_dir=run["output_dir"], compiled=True, checks=result["checks"], suites=run["suites"],
                    tokenizer=run["tokenizer"], warnings=result["warnings"], outputs=run["outputs"])
     return result
+
+
+def _check_outputs(plan, config_path, workspace):
+    """Every path a compile writes (the config when it is written, the workspace's files when vamc runs),
+    checked against the output rule before anything is written or run."""
+    inputs = [plan.checkpoint]
+    if workspace is not None:
+        check_not_input(workspace / plan.name, inputs, "--workspace (the compiler's output)")
+        check_output_file(workspace / f"{plan.name}.compile.log", inputs, "the compile log", LOG_IS_OURS)
+        check_output_file(workspace / f"{plan.name}.manifest.json", inputs, "the compile manifest", ours_json)
+    if config_path is not None:
+        check_output_file(config_path, inputs, "--config-out", ours=lambda p: True)
 
 
 def default_echo(as_json):

@@ -4,29 +4,34 @@ The column names of the published sets are recognised: AIME 2024 (`Problem`, `An
 (`question`, `answer`), MATH-500 (`problem`, `answer`, `solution`); a solution text is used through its
 `\\boxed{}` only when no answer column exists. Other files name their columns with `problem_key` /
 `answer_key`. Every loader returns a list of `{"id", "problem", "answer"}` dicts in file order.
+
+Reads are capped before anything is tokenized: a file of at most FILE_CAP bytes (MATH's full test set is
+~10 MB), at most ROWS_CAP problems, each problem and answer at most ROW_TEXT_CAP characters (a real one is a
+few KB; a 60 MB "problem" would grow past 4 GiB in the chat template and the tokenizer).
 """
 import csv
 import json
 from pathlib import Path
 
 from ..base.errors import DataFormatError, InputError, NetworkError
+from ..base.strict import loads_json, read_input_text
 
 PROBLEM_KEYS = ("problem", "question", "Problem", "Question", "prompt", "input")
 ANSWER_KEYS = ("answer", "Answer", "final_answer", "expected_answer", "gold", "target",
                "solution", "Solution")  # a solution column only when no answer column exists
 ID_KEYS = ("id", "ID", "unique_id", "idx")
 SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+FILE_CAP = 64 << 20
+ROWS_CAP = 100_000
+ROW_TEXT_CAP = 256 << 10
 
 
 def _read_json(path):
-    text = path.read_text(encoding="utf-8")
+    text = read_input_text(path, DataFormatError, FILE_CAP, "problem set")
     if not text.strip():
         return []
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataFormatError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg}); a file with one "
-                              "object per line should be named .jsonl") from None
+    data = loads_json(text, str(path), DataFormatError, hint="; a file with one object per line should be named "
+                                                            ".jsonl")
     if isinstance(data, dict):  # {"data": [...]} / {"test": [...]}, or columns {"problem": [...], ...}
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) == 1 and all(isinstance(r, dict) for r in lists[0]):
@@ -67,8 +72,13 @@ def _read_parquet(path):
 
 
 def _read_csv(path):
+    csv.field_size_limit(ROW_TEXT_CAP + 1)
     with path.open(encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh))
+        try:
+            return list(csv.DictReader(fh))
+        except csv.Error as exc:  # a field over the cap among them
+            raise DataFormatError(f"{path}: not a usable CSV file ({exc}; a field may be at most {ROW_TEXT_CAP} "
+                                  "characters)") from None
 
 
 READERS = {".json": _read_json, ".jsonl": _read_jsonl, ".parquet": _read_parquet, ".csv": _read_csv}
@@ -92,6 +102,8 @@ def pick_keys(columns, where, problem_key=None, answer_key=None):
 def to_records(rows, where, problem_key=None, answer_key=None):
     if not rows:
         raise DataFormatError(f"{where}: no problems in the file (it is empty)")
+    if len(rows) > ROWS_CAP:
+        raise DataFormatError(f"{where}: {len(rows)} rows, more than {ROWS_CAP}; pass a problem set, or split it")
     p, a = pick_keys(rows[0].keys(), where, problem_key, answer_key)
     id_key = next((k for k in ID_KEYS if k in rows[0]), None)
     out = []
@@ -99,6 +111,10 @@ def to_records(rows, where, problem_key=None, answer_key=None):
         problem, answer = row.get(p), row.get(a)
         if problem is None or not str(problem).strip():
             raise DataFormatError(f"{where}: row {i + 1} has no {p!r} text")
+        for key, value in ((p, problem), (a, answer)):
+            if value is not None and len(str(value)) > ROW_TEXT_CAP:
+                raise DataFormatError(f"{where}: row {i + 1}: {key!r} is {len(str(value))} characters, more than "
+                                      f"{ROW_TEXT_CAP} (no real problem is that long); fix or drop the row")
         out.append({"id": str(row[id_key]) if id_key and row.get(id_key) is not None else str(i),
                     "problem": str(problem), "answer": "" if answer is None else str(answer)})
     return out
@@ -128,6 +144,10 @@ def load_problems(source, problem_key=None, answer_key=None, split=None, limit=N
         if suffix not in READERS:
             raise InputError(f"--dataset {path}: unknown file type {suffix or '(none)'} "
                              f"(use {', '.join(SUFFIXES)})")
+        size = path.stat().st_size
+        if size > FILE_CAP:
+            raise DataFormatError(f"{path}: {size} bytes, larger than a problem set ({FILE_CAP} bytes at most); "
+                                  "pass the problems only, or split the file")
         try:
             rows = READERS[suffix](path)
         except UnicodeDecodeError:

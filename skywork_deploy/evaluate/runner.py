@@ -126,6 +126,17 @@ def run_eval(target, problems, reference=None, samples=1, max_tokens=512, temper
     return result
 
 
+RESULTS_STAMP = b'{"index": 0, "id": '  # how every per-problem results file write_rows writes begins
+
+
+def check_results_file(path, inputs):
+    """The output rule for `eval -o`, checked before anything loads: not an input (the dataset, a bundle's own
+    file), not a link, and an existing file only when it is a results file of ours."""
+    from ..base.fsutil import check_output_file, starts_with
+
+    return check_output_file(path, inputs, "-o/--output", starts_with(RESULTS_STAMP))
+
+
 def write_rows(path, rows, ref_rows=None):
     from ..base.fsutil import write_text
 

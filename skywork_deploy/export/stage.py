@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 
 from ..base.errors import ConfigError, InputError, ModelFormatError, ValidationError
-from ..base.fsutil import atomic_output_dir, check_output, peak_rss_bytes, sha256_file, work_dir, write_json
+from ..base.fsutil import atomic_output_dir, check_output, sha256_file, work_dir, write_json
 from ..base.manifest import write_manifest
+from ..base.memory import peak_rss_bytes
 from ..base.spec import TOKENIZER_SIDE_FILES, ModelSpec, read_config
+from ..base.tokfiles import check_model_files
 
 log = logging.getLogger(__name__)
 DTYPES = ("fp32", "fp16", "int8")
@@ -64,7 +66,7 @@ def check_options(spec, dtype, int8_format, seq_lens, quantized, ort_ops="contri
     return dtype, int8_format, (seq_lens or None), (None if int8_format == "vacc" else ort_ops)
 
 
-def _prepare_folder(folder, workdir):
+def _prepare_folder(folder, workdir, allow_extra_tensors=False):
     """A patched folder to read from: `folder` itself when current, else a patched temporary copy."""
     from ..patch import patch_model, remote_code_problems, verify_if_patched
 
@@ -74,7 +76,7 @@ def _prepare_folder(folder, workdir):
     if problems:
         raise ModelFormatError(problems[0])
     patched = Path(workdir) / "patched"
-    patch_model(str(folder), out=str(patched))
+    patch_model(str(folder), out=str(patched), allow_extra_tensors=allow_extra_tensors, check_vocab=False)
     return patched, True
 
 
@@ -120,7 +122,7 @@ def build_graphs(folder, dtype, int8_format, seq_lens, ort_ops="contrib"):
 
 
 def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, simplify=True, overwrite=False,
-                 ort_ops="contrib"):
+                 ort_ops="contrib", allow_extra_tensors=False):
     """Export MODEL (plain, patched or quantized folder) into bundle `out`; returns a result dict."""
     import onnx
 
@@ -132,13 +134,14 @@ def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, 
     timing = {}  # seconds per phase, in the manifest and the result
     src = resolve_model(str(model))
     spec = ModelSpec.from_folder(src)
+    check_model_files(src, spec, allow_extra_tensors, tokenizer_required=False, vocab_coverage=False)
     cfg = read_config(src)
     quantized = (cfg.get("quantization_config") or {}).get("quant_method") == "vacc_w8a16"
     dtype, int8_format, seq_lens, ort_ops = check_options(spec, dtype, int8_format, seq_lens, quantized, ort_ops)
     out = Path(out)
     check_output(out, [src], overwrite)  # the output rule, before any work
     with work_dir("skywork-export-") as work:
-        folder, patched_copy = _prepare_folder(src, work)
+        folder, patched_copy = _prepare_folder(src, work, allow_extra_tensors)
         protos, params_list = build_graphs(folder, dtype, int8_format, seq_lens, ort_ops)
         timing["trace"] = _lap(start)
         simplified = {}

@@ -20,6 +20,7 @@ import onnx
 from ..base.errors import ModelFormatError
 from ..base.progress import bar
 from ..base.spec import checkpoint_files
+from ..base.weightcheck import check_weight
 from .edit import attr, bypass, index
 from .int8 import Rows
 
@@ -63,7 +64,9 @@ class Checkpoint:
         dtype = getattr(torch, ST_DTYPES[meta["dtype"]])
         if not buf:
             return torch.zeros(meta["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
+        tensor = torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
+        check_weight(tensor, name, path.name)  # NaN / Inf named here (the shard's name: `path` may be a temp link)
+        return tensor
 
 
 def source_dtypes(folder):
@@ -234,6 +237,8 @@ def write_initializers(folder, protos, params_list, data_path):
             pad = (-fh.tell()) % (ALIGN if size >= ALIGN else 64)
             fh.write(b"\0" * pad)
             offset = fh.tell()
+            for part in parts if elem == onnx.TensorProto.FLOAT16 else ():
+                check_weight(part, recipe, "--dtype fp16", fp16=True)
             _write_parts(fh, parts, _torch_dtype(elem), transposed)
             locations[name] = (elem, shape, offset, fh.tell() - offset)
             del parts

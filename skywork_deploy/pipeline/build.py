@@ -21,6 +21,17 @@ class BuildRejected(ValidationError):
         self.manifest = manifest
 
 
+def check_against_model(settings, model):
+    """Settings the model's config rules out (sizes over its positions), before any stage runs: exit 2."""
+    from ..base.errors import UsageError
+    from ..base.spec import ModelSpec
+    from .settings import limit_problems
+
+    problems = limit_problems(settings, ModelSpec.from_folder(model).max_positions)
+    if problems:
+        raise UsageError(f"{model / 'config.json'}: the build settings do not fit the model: {'; '.join(problems)}")
+
+
 def run_build(settings, force=False, echo=None, allow_unvalidated=False, require_compile=False):
     """Run every stage of `settings` (a checked BuildSettings). Returns the build manifest (a dict).
 
@@ -42,10 +53,11 @@ def run_build(settings, force=False, echo=None, allow_unvalidated=False, require
     if settings.eval.dataset and Path(settings.eval.dataset).exists():
         settings.eval.dataset = str(Path(settings.eval.dataset).resolve())
     model = resolve_model(settings.model, settings.revision)  # before anything is made: a bad model leaves nothing
+    check_against_model(settings, model)
     identity = {"source": settings.model, "revision": settings.revision, "folder": str(model.resolve()),
                 "fingerprint": folder_fingerprint(model)}
     # locked for this build; owns only what it wrote; manifest.json removed until the end
-    with build_session(build_dir, inputs=[settings.model, settings.calib.source]) as folder:
+    with build_session(build_dir, inputs=[settings.model, settings.calib.source, settings.eval.dataset]) as folder:
         write_text(build_dir / "build.yaml", settings.to_yaml())
         runner = Runner(build_dir, force=force, echo=echo, folder=folder)
         planned = stages.plan(settings, model, build_dir)

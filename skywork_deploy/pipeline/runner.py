@@ -153,7 +153,7 @@ def build_session(build_dir, inputs=()):
     removed before anything runs and written again only when the build ends.
     """
     build_dir = Path(build_dir)
-    check_not_input(build_dir, inputs, option="-o/--out", may_contain=True)
+    check_not_input(build_dir, inputs, option="-o/--out")  # nor may it contain its model: stages go beside it
     if build_dir.exists() and not build_dir.is_dir():
         raise InputError(f"-o/--out {build_dir}: is a file, not a build folder; choose another path")
     build_dir.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,10 @@ from pathlib import Path
 import yaml
 
 from ..base.errors import ConfigError
+from ..base.strict import YAML_MAX_BYTES, load_yaml, read_input_text
 
 DTYPES = ("fp16", "int8")
+RUN_PROMPT_MAX_BYTES = 64 << 10  # run.prompt is the build's smoke-test prompt
 CALIB_DATASETS = ("c4", "ceval", "alpaca")
 
 
@@ -133,11 +135,13 @@ class BuildSettings:
 
     @classmethod
     def from_yaml(cls, text, where="build.yaml"):
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        return cls.from_dict(data or {}, where)
+        """Duplicate keys, alias bombs and oversized files refused (base/strict.py) before anything is built."""
+        return cls.from_dict(load_yaml(text, where) or {}, where)
+
+    @classmethod
+    def from_file(cls, path):
+        """A build.yaml read as UTF-8 within the size budget (UTF-16, unreadable: one line naming it)."""
+        return cls.from_yaml(read_input_text(path, ConfigError, YAML_MAX_BYTES, "build.yaml"), where=str(path))
 
     def resolve_paths(self, base):
         """Relative local paths of a build.yaml (model, output, calib.source) against its folder `base`.
@@ -193,10 +197,28 @@ class BuildSettings:
             value = getattr(self.calib, key)
             if value is not None and _has_type(value, int) and value < low:
                 problems.append(f"calib.{key}: {value} must be at least {low}")
+        prompt = self.run.prompt
+        if not isinstance(prompt, str) or not prompt or len(prompt.encode("utf-8", "replace")) > RUN_PROMPT_MAX_BYTES:
+            problems.append(f"run.prompt: expected a non-empty text of at most {RUN_PROMPT_MAX_BYTES} bytes (a smoke "
+                            f"test prompt), got {_sized(prompt)}")
         problems += self.compile.problems()
         if problems:
             raise ConfigError("invalid build settings:\n  " + "\n  ".join(problems))
         return self
+
+
+def limit_problems(settings, max_positions):
+    """Settings that cannot fit a model of `max_positions` positions (checked before any stage runs)."""
+    sizes = [("run.max_new_tokens", settings.run.max_new_tokens), ("eval.max_tokens", settings.eval.max_tokens),
+             ("compile.max_input_len", settings.compile.max_input_len),
+             ("compile.max_seq_len", settings.compile.max_seq_len)]
+    sizes += [("export.seq_lens", n) for n in settings.export.seq_lens or []]
+    return [f"{key}: {value} is more than the model's {max_positions} positions (max_position_embeddings); "
+            f"lower it" for key, value in sizes if _has_type(value, int) and value > max_positions]
+
+
+def _sized(value):
+    return f"{len(value)} characters" if isinstance(value, str) and value else repr(value)
 
 
 def _scalar(value, where):
@@ -223,14 +245,23 @@ def _section(kind, value, where):
         default = getattr(out, key)
         if item is not None and default is not None and isinstance(default, bool) and not isinstance(item, bool):
             raise ConfigError(f"{where}.{key}: expected true or false, got {item!r}")
-        if item is not None and isinstance(default, list) and not isinstance(item, list):
-            raise ConfigError(f"{where}.{key}: expected a list, e.g. [1024, 2048]")
+        if names[key].type in (list, "list"):
+            _check_list(item, f"{where}.{key}", ints=key == "seq_lens")
         want = names[key].type
         if item is not None and want in (int, float, str) and not _has_type(item, want):
             raise ConfigError(f"{where}.{key}: expected {'a number' if want is float else want.__name__}, "
                               f"got {item!r}")
         setattr(out, key, item)
     return out
+
+
+def _check_list(item, where, ints):
+    if item is None:
+        return
+    if not isinstance(item, list):
+        raise ConfigError(f"{where}: expected a list, e.g. [1024, 2048]")
+    if ints and not all(_has_type(n, int) and n >= 1 for n in item):
+        raise ConfigError(f"{where}: expected a list of positive integers, e.g. [128, 512], got {item!r}")
 
 
 def _has_type(value, want):

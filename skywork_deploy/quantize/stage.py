@@ -24,9 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..base.errors import ConfigError, InputError, ModelFormatError
-from ..base.fsutil import atomic_output_dir, check_output, peak_rss_bytes, sha256_file, write_json, write_text
+from ..base.fsutil import atomic_output_dir, check_output, sha256_file, write_json, write_text
 from ..base.manifest import MANIFEST_NAME, write_manifest
+from ..base.memory import peak_rss_bytes
 from ..base.spec import ModelSpec, checkpoint_files, read_config, read_safetensors_header
+from ..base.tokfiles import check_model_files
+from ..base.weightcheck import check_weight
 from . import report as quantize_report
 from .shards import DTYPE_BYTES, INDEX_NAME, ShardWriter, shard_groups
 
@@ -198,7 +201,9 @@ def _read_rows(item, start, stop):
 def _copy_tensor(item):
     """The whole source tensor (written out at once, then dropped)."""
     with _safe_open(item.file) as fh:
-        return fh.get_tensor(item.name)
+        tensor = fh.get_tensor(item.name)
+    check_weight(tensor, item.name, item.file)
+    return tensor
 
 
 def _quantize_tensor(item, bits, error):
@@ -214,6 +219,7 @@ def _quantize_tensor(item, bits, error):
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         w = _read_rows(item, start, stop)  # (rows in chunk, in)
+        check_weight(w, item.name, item.file, row_offset=start)
         try:
             q_chunk, s_chunk = quantize_per_channel(w, bits)
         except ValueError as exc:
@@ -264,7 +270,7 @@ def _carry_over(src, dst, qconfig, untie):
 
 
 def quantize_model(model, out, bits=8, include_lm_head=False, evaluate=None, max_shard_bytes=None,
-                   overwrite=False, progress=False, min_top1=None, max_kl=None):
+                   overwrite=False, progress=False, min_top1=None, max_kl=None, allow_extra_tensors=False):
     """Quantize the checkpoint in folder `model` into the new folder `out`. Returns a result dict.
 
     evaluate: True / False / None (auto: up to EVAL_AUTO_MAX_PARAMS parameters). The check is layer-streamed
@@ -278,6 +284,7 @@ def quantize_model(model, out, bits=8, include_lm_head=False, evaluate=None, max
     max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
     folder, out = Path(model), Path(out)
     spec, cfg, files, plans = plan_checkpoint(folder, include_lm_head)
+    check_model_files(folder, spec, allow_extra_tensors, tokenizer_required=False, vocab_coverage=False)
     check_output(out, [folder], overwrite)  # the output rule, before any work
     from ..patch import remote_code_problems, verify_if_patched
 

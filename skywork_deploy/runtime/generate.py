@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..base.errors import ConfigError, InputError
+from ..base.errors import ConfigError, InputError, UsageError
 
 
 class Sampler:
@@ -129,6 +129,25 @@ def render_prompts(tokenizer, prompts, chat_template=True):
     return rows
 
 
+def check_context(longest, max_new_tokens, max_positions, error=InputError, option="--max-new-tokens",
+                  prompt="prompt"):
+    """The longest prompt (tokens) plus `option` (new tokens) within the model's positions."""
+    if max_new_tokens >= max_positions:
+        raise error(f"{option} {max_new_tokens}: the model has {max_positions} positions "
+                    "(max_position_embeddings), so at most that many tokens in all; lower it")
+    if longest + max_new_tokens > max_positions:
+        raise error(f"{prompt} ({longest} tokens) + {option} {max_new_tokens} exceeds the model's "
+                    f"max_position_embeddings {max_positions} (shorten one of them)")
+
+
+def precheck(tokenizer, prompts, max_new_tokens, max_positions, chat_template=True):
+    """Before any backend loads (seconds for a real model): every prompt plus --max-new-tokens fits, else a usage
+    error (exit 2). Returns the prompts' token ids."""
+    rows = render_prompts(tokenizer, prompts, chat_template)
+    check_context(max(len(r) for r in rows), max_new_tokens, max_positions, UsageError)
+    return rows
+
+
 def left_pad(rows, pad_id, length=None):
     """Token id rows -> (input_ids, attention_mask, position_ids), int64 (B, length), padded on the left."""
     length = length or max(len(r) for r in rows)
@@ -159,9 +178,7 @@ def generate_ids(backend, rows, max_new_tokens=64, sampler=None, eos_ids=(), pad
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     sampler = sampler or Sampler()
     longest = max(len(r) for r in rows)
-    if longest + max_new_tokens > backend.max_positions:
-        raise InputError(f"prompt ({longest} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's "
-                         f"max_position_embeddings {backend.max_positions} (shorten one of them)")
+    check_context(longest, max_new_tokens, backend.max_positions)
     ids, mask, pos = left_pad(rows, pad_id, backend.bucket_for(longest))
     eos = np.array(sorted(eos_ids), dtype=np.int64)
     b = len(rows)

@@ -33,22 +33,6 @@ def listing(folder):
     return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*"))
 
 
-@pytest.fixture(scope="module")
-def world(tiny_model_factory, tmp_path_factory):
-    """A model, a patched copy and an fp32 export bundle, shared (read only) by every row."""
-    from skywork_deploy.export import export_model
-    from skywork_deploy.patch import patch_model
-
-    base = tmp_path_factory.mktemp("safety")
-    model = base / "model"
-    shutil.copytree(tiny_model_factory(), model)
-    patched = base / "patched"
-    patch_model(model, out=patched)
-    bundle = base / "bundle"
-    export_model(patched, bundle, dtype="fp32", simplify=False)
-    return {"model": model, "patched": patched, "bundle": bundle}
-
-
 def copy(src, dst):
     shutil.copytree(src, dst)
     return dst
@@ -302,12 +286,17 @@ ROWS = {
 
 @pytest.mark.parametrize("name", list(ROWS))
 def test_bad_input_fails_cleanly(world, tmp_path, name):
-    args, watch, words = ROWS[name](world, tmp_path)
+    assert_fails_cleanly(name, *ROWS[name](world, tmp_path), tmp_path)
+
+
+def assert_fails_cleanly(name, args, watch, words, tmp_path, code=None):
+    """One row: `args` fails (with exit `code` when given) in one line holding every word of `words`, the
+    `watch`ed paths are byte-identical and nothing new is left in `tmp_path`."""
     before = {str(p): snapshot(p) for p in watch}
     files_before = listing(tmp_path)
     result = CliRunner().invoke(cli, [str(a) for a in args])
     out = result.output
-    assert result.exit_code not in (0, None), (name, out)
+    assert result.exit_code not in (0, None) and result.exit_code == (code or result.exit_code), (name, out)
     assert result.exception is None or isinstance(result.exception, SystemExit), (name, repr(result.exception))
     assert "Traceback" not in out, (name, out)
     lines = out.splitlines()

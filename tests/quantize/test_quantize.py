@@ -324,8 +324,8 @@ def nan_weight(folder):
     (missing_shard, "model-00002-of-00002.safetensors, which is missing"),
     (integer_weights, "tensor model.layers.0.mlp.up_proj.weight is I8"),
     (non_qwen2, "model_type is 'llama'"),
-    (infinite_weight, "tensor model.layers.1.mlp.down_proj.weight: weight has non-finite values"),
-    (nan_weight, "tensor model.layers.0.self_attn.v_proj.weight: weight has non-finite values"),
+    (infinite_weight, "tensor model.layers.1.mlp.down_proj.weight holds NaN or Inf at index"),
+    (nan_weight, "tensor model.layers.0.self_attn.v_proj.weight holds NaN or Inf at index [0, 0]"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_model_factory, tmp_path, damage, expected):
     model_dir = tmp_path / "model"
