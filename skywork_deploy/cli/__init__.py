@@ -76,7 +76,8 @@ def cli(verbose, quiet):
       model folder -> patch -> quantize / calib -> export -> compile -> run
 
     Exit codes, the same in every command: 0 success, 1 the work failed, 2 a usage error (unknown or missing
-    option, bad value, missing or wrong path). Progress bars go to stderr on a terminal (SKYWORK_DEPLOY_PROGRESS=1
+    option, bad value, missing or wrong path), 128+N when signal N stopped it (SIGTERM and SIGHUP are handled
+    like Ctrl-C). Progress bars go to stderr on a terminal (SKYWORK_DEPLOY_PROGRESS=1
     forces them on, =0 off; -q turns them off).
 
     \b
