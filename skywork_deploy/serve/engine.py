@@ -14,83 +14,44 @@ Each decode step then feeds every row's last token in one (B, 1) graph run. Join
 cache; steady decoding appends to the backend's in-place K/V buffers.
 
 Results go back through each request's `sink(event)`, called on the engine thread:
-`{"type": "text", "index": i, "text": piece}`, `{"type": "finish", "index": i, "reason": "stop"|"length",
-"tokens": n}`, `{"type": "end", "prompt_tokens": n}` (all choices done) or `{"type": "error", "message": m}`.
+`{"type": "text", "index": i, "text": piece, "logprobs": [(token, logprob, top)]}`, `{"type": "prompt_logprobs",
+"index": i, "entries": [...]}` (echo with logprobs: the prompt's tokens after the first), `{"type": "finish",
+"index": i, "reason": "stop"|"length", "tokens": n, "logprobs": [...]}`, `{"type": "end", "prompt_tokens": n}`
+(all choices done) or `{"type": "error", "message": m, "status": 400|500|503}`. Whatever one request carries
+(parameters the sampler refuses, ids outside the vocabulary, a failing step of its own) fails that request
+alone (`Request.fail`); only a failing graph run fails the batch it ran.
 """
 import collections
 import logging
 import threading
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..base.errors import DeployError
-from ..runtime.generate import Sampler, StreamDecoder, left_pad
+from ..runtime.generate import left_pad
+from .rows import Params, Row
 
 log = logging.getLogger(__name__)
+__all__ = ["Engine", "Params", "Request", "ServerBusyError"]
 
 
 class ServerBusyError(DeployError):
     """The engine's queue is full (the server answers 429)."""
 
 
-@dataclass
-class Params:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = None
-    seed: int = None
-    stop: list = field(default_factory=list)
-    ignore_eos: bool = False
-    n: int = 1
-
-
 class Request:
     def __init__(self, prompt_ids, params, sink):
         self.prompt_ids, self.params, self.sink = list(prompt_ids), params, sink
         self.cancelled = False
+        self.failed = False
         self.open_rows = params.n
         self.admitted = 0  # choices given a batch row so far (n may exceed the free rows: admitted in parts)
 
-
-class Row:
-    """One choice of a request: its sampler, tokens, incremental text and stop-string hold-back."""
-
-    def __init__(self, request, index, tokenizer):
-        p = request.params
-        seed = None if p.seed is None else p.seed + index
-        self.request, self.index = request, index
-        self.sampler = Sampler(p.temperature, p.top_p, seed, p.top_k)
-        self.stream = StreamDecoder(tokenizer)
-        self.tokens, self.text, self.sent = [], "", 0
-        self.done = False
-
-    def emit(self, piece, final=False):
-        """Add decoded text; send what cannot be the start of a stop string. True when a stop string hit."""
-        self.text += piece
-        stops = self.request.params.stop
-        hit = min((i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in stops) if i >= 0),
-                  default=-1)
-        if hit >= 0:
-            self.text = self.text[:hit]
-            final = True
-        end = len(self.text) if final else len(self.text) - _held(self.text, stops)
-        if end > self.sent:
-            self.request.sink({"type": "text", "index": self.index, "text": self.text[self.sent:end]})
-            self.sent = end
-        return hit >= 0
-
-
-def _held(text, stops):
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
+    def fail(self, message, status=500):
+        """End the request with an error event (once); its rows are dropped at the next step."""
+        if not self.failed:
+            self.failed = self.cancelled = True
+            self.sink({"type": "error", "message": message, "status": status})
 
 
 class Engine:
@@ -134,6 +95,20 @@ class Engine:
         with self.cond:
             return {"running": len(self.rows), "waiting": len(self.waiting), "decode_steps": self.steps}
 
+    def idle(self):
+        with self.cond:
+            return not self.rows and not self.waiting
+
+    def abort_all(self, message, status=503):
+        """End every running and waiting request with an error event (the drain's last step)."""
+        with self.cond:
+            requests = {id(r.request): r.request for r in self.rows}
+            requests.update((id(r), r) for r in self.waiting)
+            self.waiting.clear()
+            self.cond.notify_all()
+        for req in requests.values():
+            req.fail(message, status)
+
     # -- the engine thread -------------------------------------------------------------------------------
     def _loop(self):
         while True:
@@ -152,11 +127,11 @@ class Engine:
                     self._drop_finished()
             except Exception as exc:  # a failing graph run must not kill the server: fail the batch, go on
                 log.exception("engine step failed")
-                message = f"generation failed: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"
+                message = f"generation failed: {_first_line(exc)}"
                 for req in {id(r.request): r.request for r in self.rows}.values():
-                    req.sink({"type": "error", "message": message})
+                    req.fail(message)
                 for req, _ in new:
-                    req.sink({"type": "error", "message": message})
+                    req.fail(message)
                 self.rows, self.mask, self.kv, self.pending = [], None, None, None
 
     def _take(self):
@@ -175,13 +150,37 @@ class Engine:
                 self.waiting.popleft()
         return taken
 
+    def _rows_for(self, taken):
+        """Rows of the requests taken; a request whose rows cannot be built (bad parameters, ids outside the
+        vocabulary or the context) fails alone."""
+        rows = []
+        for req, indices in taken:
+            try:
+                self._check_prompt(req)
+                rows += [Row(req, i, self.tokenizer, self.eos) for i in indices]
+            except Exception as exc:  # whatever a request carries, it fails only itself
+                log.warning("request refused by the engine: %s", _first_line(exc))
+                req.fail(f"the request cannot run: {_first_line(exc)}", 400)
+        return rows
+
+    def _check_prompt(self, req):
+        ids, vocab = req.prompt_ids, self.backend.vocab_size
+        if not ids or not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
+            raise DeployError(f"prompt token ids must be integers in 0...{vocab - 1}")
+        p = req.params
+        if len(ids) + p.max_tokens > self.backend.max_positions:
+            raise DeployError(f"prompt + max_tokens exceed the model's context of {self.backend.max_positions}")
+        self.backend.bucket_for(len(ids))
+
     def _admit(self, taken):
-        rows = [Row(req, i, self.tokenizer) for req, indices in taken for i in indices]
-        prompts = [r.request.prompt_ids for r in rows]
+        rows = self._rows_for(taken)
+        if not rows:
+            return
+        prompts = [r.prefill_ids for r in rows]
         longest = max(len(p) for p in prompts)
         ids, mask, pos = left_pad(prompts, self.pad_id, self.backend.bucket_for(longest))
         logits, kv = self.backend.prefill(ids, mask, pos)
-        first = np.array([row.sampler(logits[i:i + 1])[0] for i, row in enumerate(rows)], dtype=np.int64)
+        first = self._steps(rows, logits)
         new_kv = kv_arrays(kv)
         if self.rows:
             width = max(self.mask.shape[1], mask.shape[1])
@@ -193,8 +192,6 @@ class Engine:
         else:
             self.kv, self.mask, self.pending = kv, mask, first
         self.rows += rows
-        for row, token in zip(rows, first):
-            self._accept(row, int(token))
 
     def _decode(self):
         b = len(self.rows)
@@ -202,37 +199,22 @@ class Engine:
         logits, self.kv = self.backend.decode(self.pending[:, None], self.mask,
                                               self.mask.sum(-1, keepdims=True) - 1, self.kv)
         self.steps += 1
-        greedy = logits.argmax(-1)
-        nxt = np.array([greedy[i] if row.sampler.temperature == 0 else row.sampler(logits[i:i + 1])[0]
-                        for i, row in enumerate(self.rows)], dtype=np.int64)
-        self.pending = nxt
-        for row, token in zip(self.rows, nxt):
-            if not row.done:
-                self._accept(row, int(token))
+        self.pending = self._steps(self.rows, logits)
 
-    def _accept(self, row, token):
-        """Take a row's next token: text out, and the row finished on EOS, a stop string or max_tokens."""
-        p = row.request.params
-        if row.request.cancelled:
-            row.done = True
-            return
-        row.tokens.append(token)
-        if token in self.eos and not p.ignore_eos:
-            row.emit(row.stream.flush(), final=True)
-            return self._finish(row, "stop")
-        if row.emit(row.stream.push(token)):
-            return self._finish(row, "stop")
-        if len(row.tokens) >= p.max_tokens:
-            row.emit(row.stream.flush(), final=True)
-            self._finish(row, "length")
-
-    def _finish(self, row, reason):
-        row.done = True
-        req = row.request
-        req.sink({"type": "finish", "index": row.index, "reason": reason, "tokens": len(row.tokens)})
-        req.open_rows -= 1
-        if req.open_rows == 0:
-            req.sink({"type": "end", "prompt_tokens": len(req.prompt_ids)})
+    def _steps(self, rows, logits):
+        """Each live row's next token from its logits (B, V); a row that fails ends its own request only."""
+        nxt = np.full(len(rows), self.pad_id, dtype=np.int64)
+        for i, row in enumerate(rows):
+            if row.done or row.request.cancelled:
+                row.done = True
+                continue
+            try:
+                nxt[i] = row.step(logits[i])
+            except Exception as exc:  # whatever a request carries, it fails only itself
+                log.exception("a request failed in the engine")
+                row.request.fail(f"generation failed: {_first_line(exc)}")
+                row.done = True
+        return nxt
 
     def _drop_finished(self):
         for row in self.rows:
@@ -248,6 +230,10 @@ class Engine:
         self.kv = to_kv(self.backend, [np.ascontiguousarray(a[keep][:, :, start:]) for a in kv_arrays(self.kv)])
         self.mask, self.pending = np.ascontiguousarray(mask[:, start:]), self.pending[keep]
         self.rows = [self.rows[i] for i in keep]
+
+
+def _first_line(exc):
+    return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
 
 
 def _pad_left(a, width, axis):
