@@ -86,6 +86,17 @@ def serve_server(serve_loaded):
     running.thread.join(30)
 
 
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory):
+    """The shipped demo model (448-token vocabulary, 512 positions) exported to fp32 ONNX."""
+    from skywork_deploy.demo_model import demo_model_path
+    from skywork_deploy.export import export_model
+
+    bundle = tmp_path_factory.mktemp("demo-served") / "onnx"
+    export_model(demo_model_path(), bundle, dtype="fp32", simplify=False)
+    return bundle
+
+
 def copy_model(src, dst):
     shutil.copytree(src, dst)
     return dst

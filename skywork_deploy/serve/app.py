@@ -51,7 +51,7 @@ def create_app(engine, model_name, tokenizer, max_positions, api_key=None, max_r
     app = FastAPI(title="skywork-deploy serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.draining, app.state.model_name = engine, False, model_name
     model_card = {"id": model_name, "object": "model", "created": 0, "owned_by": "skywork-deploy",
-                  "max_model_len": max_positions}
+                  "max_model_len": max_positions, "vocab_size": engine.backend.vocab_size}
     token_text = TokenText(tokenizer)
 
     @app.exception_handler(ApiError)

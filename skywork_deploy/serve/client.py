@@ -114,6 +114,11 @@ class EndpointClient:
         data = self._get("/models")
         return [m["id"] for m in data.get("data", [])]
 
+    def model_card(self):
+        """The /v1/models entry of the model in use ({} when the server lists it without details)."""
+        data = self._get("/models").get("data", [])
+        return next((m for m in data if isinstance(m, dict) and m.get("id") == self.model), {})
+
     def _body(self, max_tokens, temperature=0.0, top_p=1.0, top_k=None, seed=None, n=1, stop=None,
               ignore_eos=False):
         body = {"model": self.model, "max_tokens": int(max_tokens), "temperature": float(temperature),

@@ -10,10 +10,8 @@ import logging
 import signal
 import threading
 import time
-from pathlib import Path
 
 from ..base.errors import ConfigError
-from ..base.manifest import MANIFEST_NAME, read_manifest
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 9900
@@ -57,31 +55,14 @@ def load_engine(target, threads=None, int8_accuracy="exact", max_batch=8, max_qu
 
 
 def model_name(bundle):
-    """The model's own name: the folder the stages started from (followed through each stage manifest's
-    `source`), or its parent's name when that folder has a generic name (`weights`, `model`, `patch`...)."""
-    path = Path(str(bundle.manifest.get("source") or bundle.folder))
-    for _ in range(8):  # export <- quantize <- patch <- the user's model
-        manifest = _any_manifest(path)
-        if not manifest or not isinstance(manifest.get("source"), str):
-            break
-        path = Path(manifest["source"])
+    """The model's own name: the folder the stages started from (runtime.bundle's source chain), or its parent's
+    name when that folder has a generic name (`weights`, `model`, `patch`...)."""
+    chain = bundle.source_chain()
+    path = chain[-1] if chain else bundle.folder.resolve()
     for part in (path, *path.parents):
         if part.name and part.name not in GENERIC_NAMES:
             return part.name
     return bundle.folder.resolve().name
-
-
-def _any_manifest(folder):
-    from ..patch.stage import PATCH_MANIFEST
-
-    for name in (MANIFEST_NAME, PATCH_MANIFEST):
-        try:
-            data = read_manifest(folder, name=name)
-        except Exception:  # a stage record we cannot read names nothing: stop following the chain there
-            return None
-        if data:
-            return data
-    return None
 
 
 def build_app(engine, tokenizer, bundle, api_key=None, max_request_bytes=1 << 20, served_name=None):
