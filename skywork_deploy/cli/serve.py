@@ -4,6 +4,7 @@ import sys
 
 import click
 
+from ..serve.server import DEFAULT_DRAIN_TIMEOUT_S
 from .common import handle_errors, json_option
 
 ENGINES = ("auto", "onnxruntime", "vastgenx")
@@ -30,7 +31,7 @@ ENGINES = ("auto", "onnxruntime", "vastgenx")
 @click.option("--served-model-name", default=None,
               help="The model name the API reports and requests must use (default: the model's own name, from "
                    "the stage manifests; not the bundle's folder name).")
-@click.option("--drain-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=DEFAULT_DRAIN_TIMEOUT_S, show_default=True,
               help="On SIGTERM / Ctrl-C: seconds running requests may still take; the rest then end with a 503 "
                    "(streams: an error event and [DONE]). A second signal ends the drain at once.")
 @json_option
@@ -72,6 +73,10 @@ def serve(target, host, port, api_key, engine, threads, int8_accuracy, max_batch
 
         def ready(url, models):
             click.echo(f"vastgenx serving {', '.join(models) or '?'} at {url} (Ctrl-C stops it)", err=True)
+            if as_json:
+                click.echo(json.dumps({"ok": True, "url": url, "model": models[0] if models else None,
+                                       "engine": "vastgenx"}))
+                sys.stdout.flush()
 
         serve_compiled(target, host, port, devices, vastgenx_path, ready_timeout, on_ready=ready)
         return

@@ -13,6 +13,13 @@ or cancelled row is dropped (its K/V rows sliced out) and columns that no remain
 Each decode step then feeds every row's last token in one (B, 1) graph run. Joining and dropping copy the
 cache; steady decoding appends to the backend's in-place K/V buffers.
 
+Fairness: requests are checked and tokenized before they reach the engine (app.py, on worker threads). A prefill
+of more than `prefill_inline_tokens` (padded) tokens while rows are decoding runs on its own thread
+(`BackgroundPrefill`; ONNX Runtime sessions run concurrently) and the batch keeps decoding until it joins: a long
+prompt costs the running streams the CPU it shares, not its whole prefill as one stall. (The decode graph takes
+one token per row, so a vLLM-style chunked prefill is not possible with these graphs; with one session at a time,
+the memory policy of big models, the prefill runs inline.)
+
 Results go back through each request's `sink(event)`, called on the engine thread:
 `{"type": "text", "index": i, "text": piece, "logprobs": [(token, logprob, top)]}`, `{"type": "prompt_logprobs",
 "index": i, "entries": [...]}` (echo with logprobs: the prompt's tokens after the first), `{"type": "finish",
@@ -33,6 +40,7 @@ from .rows import Params, Row
 
 log = logging.getLogger(__name__)
 __all__ = ["Engine", "Params", "Request", "ServerBusyError"]
+PREFILL_INLINE_TOKENS = 512  # a larger prefill (padded tokens) runs beside the running batch's decode steps
 
 
 class ServerBusyError(DeployError):
@@ -65,6 +73,9 @@ class Engine:
         self.cond = threading.Condition()
         self.stopping = False
         self.steps = 0  # decode graph runs (a step of B rows counts once)
+        self.prefilling = None  # a BackgroundPrefill while a long prompt is prefilled beside the decode steps
+        self.prefill_inline_tokens = PREFILL_INLINE_TOKENS
+        self.background_prefills = 0
         self.thread = threading.Thread(target=self._loop, name="skywork-deploy-engine", daemon=True)
 
     # -- the request side (any thread) -------------------------------------------------------------------
@@ -93,16 +104,19 @@ class Engine:
 
     def stats(self):
         with self.cond:
-            return {"running": len(self.rows), "waiting": len(self.waiting), "decode_steps": self.steps}
+            return {"running": len(self.rows), "waiting": len(self.waiting), "decode_steps": self.steps,
+                    "prefilling": len(self.prefilling.rows) if self.prefilling else 0,
+                    "background_prefills": self.background_prefills}
 
     def idle(self):
         with self.cond:
-            return not self.rows and not self.waiting
+            return not self.rows and not self.waiting and self.prefilling is None
 
     def abort_all(self, message, status=503):
         """End every running and waiting request with an error event (the drain's last step)."""
         with self.cond:
-            requests = {id(r.request): r.request for r in self.rows}
+            rows = self.rows + (self.prefilling.rows if self.prefilling else [])
+            requests = {id(r.request): r.request for r in rows}
             requests.update((id(r), r) for r in self.waiting)
             self.waiting.clear()
             self.cond.notify_all()
@@ -113,12 +127,14 @@ class Engine:
     def _loop(self):
         while True:
             with self.cond:
-                while not self.stopping and not self.rows and not self.waiting:
+                while not self.stopping and self._nothing_to_do():
                     self.cond.wait()
                 if self.stopping:
                     return
-                new = self._take()
+                new = self._take() if self.prefilling is None else []
             try:
+                if self.prefilling is not None and self.prefilling.done.is_set():
+                    self._join_prefill()
                 if new:
                     self._admit(new)
                 self._drop_finished()
@@ -133,6 +149,14 @@ class Engine:
                 for req, _ in new:
                     req.fail(message)
                 self.rows, self.mask, self.kv, self.pending = [], None, None, None
+
+    def _nothing_to_do(self):
+        """(lock held) No row to decode, and no prefill result or waiting request to take up."""
+        if self.rows:
+            return False
+        if self.prefilling is not None:
+            return not self.prefilling.done.is_set()
+        return not self.waiting
 
     def _take(self):
         """[(request, choice indices)] for the free batch rows, in arrival order (called with the lock held)."""
@@ -179,7 +203,28 @@ class Engine:
         prompts = [r.prefill_ids for r in rows]
         longest = max(len(p) for p in prompts)
         ids, mask, pos = left_pad(prompts, self.pad_id, self.backend.bucket_for(longest))
+        if self.rows and ids.size > self.prefill_inline_tokens and not getattr(self.backend, "one_session", False):
+            self.prefilling = BackgroundPrefill(self.backend, rows, ids, mask, pos, self._wake)
+            self.background_prefills += 1
+            return  # the running rows keep decoding; the new ones join when their prefill is done
         logits, kv = self.backend.prefill(ids, mask, pos)
+        self._join(rows, logits, kv, mask)
+
+    def _wake(self):
+        with self.cond:
+            self.cond.notify_all()
+
+    def _join_prefill(self):
+        job, self.prefilling = self.prefilling, None
+        if job.error is not None:  # fails the requests it prefilled, not the running batch
+            log.error("prefill failed: %s", _first_line(job.error))
+            for row in job.rows:
+                row.request.fail(f"generation failed: {_first_line(job.error)}")
+            return
+        self._join(job.rows, *job.result, job.mask)
+
+    def _join(self, rows, logits, kv, mask):
+        """New rows' prefill results (logits (N, V), K/V, mask (N, S)) joined to the running batch."""
         first = self._steps(rows, logits)
         new_kv = kv_arrays(kv)
         if self.rows:
@@ -230,6 +275,26 @@ class Engine:
         self.kv = to_kv(self.backend, [np.ascontiguousarray(a[keep][:, :, start:]) for a in kv_arrays(self.kv)])
         self.mask, self.pending = np.ascontiguousarray(mask[:, start:]), self.pending[keep]
         self.rows = [self.rows[i] for i in keep]
+
+
+class BackgroundPrefill:
+    """A prefill on its own thread (ONNX Runtime sessions run concurrently): the engine keeps decoding the running
+    rows meanwhile, so a long prompt delays them by the CPU it shares, not by its whole prefill."""
+
+    def __init__(self, backend, rows, ids, mask, pos, on_done):
+        self.rows, self.mask, self.result, self.error = rows, mask, None, None
+        self.done = threading.Event()
+        threading.Thread(target=self._run, args=(backend, ids, mask, pos, on_done), daemon=True,
+                         name="skywork-deploy-prefill").start()
+
+    def _run(self, backend, ids, mask, pos, on_done):
+        try:
+            self.result = backend.prefill(ids, mask, pos)
+        except Exception as exc:  # handed to the engine thread, which fails these requests only
+            self.error = exc
+        finally:
+            self.done.set()
+            on_done()
 
 
 def _first_line(exc):

@@ -40,6 +40,8 @@ class Row:
         self.forced = collections.deque(prompt[1:] if p.prompt_logprobs else ())
         self.prefill_ids = prompt[:1] if p.prompt_logprobs else prompt
         self.done = False
+        if p.prompt_logprobs and not self.forced:  # a one-token prompt: nothing to score, say so at once
+            request.sink({"type": "prompt_logprobs", "index": index, "entries": []})
 
     def step(self, logits):
         """(V,) logits of this row's last position -> the token to feed next; reports what it generated."""
