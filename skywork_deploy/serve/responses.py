@@ -25,7 +25,14 @@ class Job:
         self.requests, self.prompts = [], []  # engine requests; (text, ids) per prompt
 
     def sink_for(self, loop, k):
-        return lambda ev: loop.call_soon_threadsafe(self.events.put_nowait, (k, ev))
+        """The engine-thread callback of prompt k: events onto this job's queue, on the server's event loop."""
+        def sink(ev):
+            try:
+                loop.call_soon_threadsafe(self.events.put_nowait, (k, ev))
+            except RuntimeError:  # the event loop is closed (the server stopped): no one is left to tell
+                pass
+
+        return sink
 
     def head(self, suffix=""):
         kind = "chat.completion" if self.chat else "text_completion"
