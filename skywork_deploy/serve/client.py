@@ -48,6 +48,9 @@ def base_url(url):
 
 class EndpointClient:
     def __init__(self, url, model=None, api_key=None, timeout=600.0):
+        from .server import require_serve_extra
+
+        require_serve_extra(("httpx",), "talking to an --endpoint")
         import httpx
 
         self.url = base_url(url)

@@ -22,20 +22,20 @@ GENERIC_NAMES = {"weights", "model", "patch", "quantize", "calib", "export", "on
 SERVE_EXTRA = ("fastapi", "uvicorn", "sse_starlette", "httpx")
 
 
-def require_serve_extra():
+def require_serve_extra(modules=SERVE_EXTRA, what="serving"):
     """One line naming the install command when the `[serve]` extra is missing (before anything imports it)."""
     import importlib
 
     from ..base.errors import BackendUnavailableError
 
     missing = []
-    for module in SERVE_EXTRA:
+    for module in modules:
         try:
             importlib.import_module(module)
         except ImportError:
             missing.append(module)
     if missing:
-        raise BackendUnavailableError(f"serving needs the [serve] extra ({', '.join(missing)} not installed): "
+        raise BackendUnavailableError(f"{what} needs the [serve] extra ({', '.join(missing)} not installed): "
                                       "pip install 'skywork-deploy[serve]'")
 
 

@@ -418,17 +418,21 @@ def test_help_does_not_import_the_server_stack():
     assert out.strip() == "[]"
 
 
-def test_serve_without_the_extra_prints_the_install_line(bundle_dir):
+@pytest.mark.parametrize("blocked, args, names", [
+    (("fastapi", "sse_starlette"), ["serve", "BUNDLE", "--port", "0"], "fastapi, sse_starlette"),
+    (("httpx",), ["run", "--endpoint", "http://127.0.0.1:9", "-p", "x"], "httpx"),
+])
+def test_without_the_extra_the_install_line(bundle_dir, blocked, args, names):
     code = ("import sys\n"
             "class Block:\n"
             "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] in ('fastapi', 'sse_starlette'):\n"
+            f"        if name.split('.')[0] in {blocked!r}:\n"
             "            raise ModuleNotFoundError(name)\n"
             "sys.meta_path.insert(0, Block())\n"
             "from skywork_deploy.cli import main\n"
-            f"sys.argv = ['skywork-deploy', 'serve', {str(bundle_dir)!r}, '--port', '0']\n"
+            f"sys.argv = ['skywork-deploy'] + {[str(bundle_dir) if a == 'BUNDLE' else a for a in args]!r}\n"
             "main()\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
-    assert "pip install 'skywork-deploy[serve]'" in result.stderr and "fastapi, sse_starlette" in result.stderr
+    assert "pip install 'skywork-deploy[serve]'" in result.stderr and f"({names} not installed)" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
