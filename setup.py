@@ -51,7 +51,7 @@ setup(
         "simplify": ["onnxsim>=0.4"],
         "datasets": ["datasets>=2.19"],
         "serve": SERVE,
-        "test": ["pytest>=7", "onnxsim>=0.4", "datasets>=2.19", *SERVE],
+        "test": ["pytest>=7", "onnxsim>=0.4", "datasets>=2.19", "openai>=1.40", *SERVE],
         "bench": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["skywork-deploy=skywork_deploy.cli:main"]},

@@ -75,6 +75,49 @@ def world(tiny_model_factory, tmp_path_factory):
     return {"model": model, "patched": patched, "bundle": bundle}
 
 
+@pytest.fixture(scope="session")
+def serve_bundle(tiny_model_factory, tmp_path_factory):
+    """An fp32 export bundle of the default tiny model (peaky logits: no greedy near-ties), for the server tests."""
+    from skywork_deploy.export import export_model
+
+    model = tiny_model_factory("gqa", initializer_range=0.2)
+    out = tmp_path_factory.mktemp("serve") / "tiny-bundle"
+    export_model(model, out, dtype="fp32")
+    return out
+
+
+@pytest.fixture(scope="session")
+def serve_loaded(serve_bundle):
+    """(engine started, tokenizer, bundle) on `serve_bundle`: 2 threads, batches of 8, a queue of 16."""
+    from skywork_deploy.serve.server import load_engine
+
+    engine, tokenizer, bundle = load_engine(serve_bundle, threads=2, max_batch=8, max_queue=16)
+    yield engine, tokenizer, bundle
+    engine.stop()
+
+
+@pytest.fixture(scope="session")
+def serve_server(serve_loaded):
+    """Our server on `serve_loaded`, on a free loopback port, serving the name "tiny-bundle" (64 KiB bodies)."""
+    from skywork_deploy.serve.server import start_in_thread
+
+    running = start_in_thread(loaded=serve_loaded, max_request_bytes=64 * 1024, served_name="tiny-bundle")
+    yield running
+    running.server.should_exit = True
+    running.thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory):
+    """The shipped demo model (448-token vocabulary, 512 positions) exported to fp32 ONNX."""
+    from skywork_deploy.demo_model import demo_model_path
+    from skywork_deploy.export import export_model
+
+    bundle = tmp_path_factory.mktemp("demo-served") / "onnx"
+    export_model(demo_model_path(), bundle, dtype="fp32", simplify=False)
+    return bundle
+
+
 def copy_model(src, dst):
     shutil.copytree(src, dst)
     return dst

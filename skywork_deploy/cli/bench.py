@@ -7,8 +7,9 @@ from .run import backend_options, bundle_or_endpoint, endpoint_options
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", type=PathArg("bundle", hub=False), required=False)
-@click.option("--prompt-len", callback=positive_int_list, default="128,1024", show_default=True,
-              help="Prompt lengths in tokens, comma-separated (random ordinary tokens, seeded).")
+@click.option("--prompt-len", callback=positive_int_list, default=None,
+              help="Prompt lengths in tokens, comma-separated (random ordinary tokens of the bundle's tokenizer, "
+                   "seeded) [default: 128,1024, those that fit the model's context with --new-tokens].")
 @click.option("--new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
               help="Decode steps per run (EOS ignored).")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
@@ -22,17 +23,22 @@ from .run import backend_options, bundle_or_endpoint, endpoint_options
 @endpoint_options
 @click.option("--concurrency", callback=parse_int_list, default=None,
               help="Serving benchmark at these concurrency levels, e.g. 1,4,8,16 (the default with --endpoint).")
-@click.option("--input-len", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Serving benchmark: prompt tokens (random ordinary tokens, seeded).")
+@click.option("--input-len", type=click.IntRange(min=1), default=None,
+              help="Serving benchmark: prompt tokens (random ordinary tokens of the model's tokenizer, seeded) "
+                   "[default: 128, or what the model's context leaves beside --output-len].")
 @click.option("--output-len", type=click.IntRange(min=1), default=64, show_default=True,
               help="Serving benchmark: tokens generated per request (ignore_eos).")
 @click.option("--num-prompts", type=click.IntRange(min=1), default=None,
               help="Serving benchmark: requests per level (default: max(4, 2 x concurrency)).")
+@click.option("--tokenizer", "tokenizer_path", type=PathArg("bundle", hub=False), default=None,
+              help="Serving benchmark with --endpoint: a folder with the served model's tokenizer (a bundle, a build "
+                   "or a model folder); prompts are then its ordinary tokens, sent as text. Default: the "
+                   "vocabulary size /v1/models reports (our server does), else Qwen's.")
 @json_option
 @handle_errors
 def bench(bundle, prompt_len, new_tokens, repeats, backend, threads, int8_accuracy, no_reference, no_io_binding,
           no_kv_in_place, seed, endpoint, model_name, api_key, concurrency, input_len, output_len, num_prompts,
-          as_json):
+          tokenizer_path, as_json):
     """Measure prefill latency and decode speed of BUNDLE against transformers eager, or serving speed.
 
     For each prompt length: prefill milliseconds and decode tokens/s at batch 1 (medians over --repeats),
@@ -54,9 +60,11 @@ def bench(bundle, prompt_len, new_tokens, repeats, backend, threads, int8_accura
       skywork-deploy bench ./qwen-0.5b-int8 --concurrency 1,4,8 --int8-accuracy fast --threads 2
     """
     bundle_or_endpoint(bundle, endpoint)
+    if tokenizer_path and not endpoint:
+        raise click.UsageError("--tokenizer applies to --endpoint only (a BUNDLE's own tokenizer is used)")
     if endpoint or concurrency:
         return serving_bench(bundle, endpoint, model_name, api_key, concurrency or [1, 4, 8, 16], input_len,
-                             output_len, num_prompts, threads, int8_accuracy, seed, as_json)
+                             output_len, num_prompts, threads, int8_accuracy, seed, as_json, tokenizer_path)
     from ..base.errors import UsageError
     from ..runtime.bench import bench_bundle
     from ..runtime.bundle import open_bundle
@@ -85,19 +93,26 @@ def bench(bundle, prompt_len, new_tokens, repeats, backend, threads, int8_accura
 
 
 def serving_bench(bundle, endpoint, model_name, api_key, concurrency, input_len, output_len, num_prompts, threads,
-                  int8_accuracy, seed, as_json):
+                  int8_accuracy, seed, as_json, tokenizer_path=None):
     from ..serve.loadgen import bench_endpoint, format_table
 
-    running, tokenizer = None, None
+    running, vocab = None, None
     if bundle is not None:  # our own server on a free loopback port: the same HTTP path as --endpoint
+        from ..runtime.bench import bundle_vocab
+        from ..runtime.bundle import open_bundle
         from ..serve.server import start_in_thread
 
+        opened = open_bundle(bundle)
+        if opened.kind != "export":
+            raise click.UsageError(f"{bundle}: the serving benchmark needs an export bundle (or a build folder "
+                                   "holding one), not a model folder")
+        vocab = bundle_vocab(opened)
         running = start_in_thread(bundle, threads=threads, int8_accuracy=int8_accuracy, max_batch=max(concurrency),
                                   max_queue=max(64, 4 * max(concurrency)))
-        endpoint, tokenizer = running.url, None
+        endpoint = running.url
     try:
         report = bench_endpoint(endpoint, model_name, api_key, input_len, output_len, concurrency, num_prompts,
-                                tokenizer=tokenizer, seed=seed)
+                                tokenizer=_tokenizer(tokenizer_path), vocab=vocab, seed=seed)
     finally:
         if running is not None:
             running.stop()
@@ -109,3 +124,11 @@ def serving_bench(bundle, endpoint, model_name, api_key, concurrency, input_len,
         return
     for line in format_table(report):
         click.echo(line)
+
+
+def _tokenizer(path):
+    if path is None:
+        return None
+    from ..runtime.bundle import load_tokenizer, open_bundle
+
+    return load_tokenizer(open_bundle(path))

@@ -18,9 +18,41 @@ from .generate import Sampler, generate_ids
 BASE_VOCAB = 151643  # ids below this are ordinary BPE tokens in Qwen vocabularies
 
 
-def random_prompt(length, vocab_size, seed=0):
+DEFAULT_PROMPT_LENS = (128, 1024)
+
+
+def ordinary_ids(vocab_size, tokenizer=None):
+    """Token ids a random prompt may use: the tokenizer's ids that are not special or added tokens, below the
+    model's vocabulary; without a tokenizer, the ids below `vocab_size` and Qwen's first special id."""
+    if tokenizer is None:
+        return np.arange(min(vocab_size, BASE_VOCAB))
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    return np.array([i for i in range(min(vocab_size, len(tokenizer))) if i not in special])
+
+
+def random_prompt(length, vocab, seed=0):
+    """`length` random ids (seeded) from `vocab`: an ordinary_ids() array, or a vocabulary size."""
+    pool = ordinary_ids(vocab) if isinstance(vocab, (int, np.integer)) else vocab
     rng = np.random.default_rng(seed)
-    return rng.integers(0, min(vocab_size, BASE_VOCAB), size=length).tolist()
+    return pool[rng.integers(0, len(pool), size=length)].tolist()
+
+
+def prompt_lengths(lengths, new_tokens, max_positions, option="--prompt-len", new_option="--new-tokens"):
+    """The prompt lengths to measure: the given ones, checked against the context (an error naming the options),
+    or the defaults that fit (DEFAULT_PROMPT_LENS, else the longest prompt the context leaves room for)."""
+    from ..base.errors import UsageError
+
+    room = max_positions - new_tokens - 1
+    if room < 1:
+        raise UsageError(f"{new_option} {new_tokens} leaves no room for a prompt in the model's context of "
+                          f"{max_positions} positions (ask for at most {max_positions - 2})")
+    if lengths:
+        too_long = [n for n in lengths if n > room]
+        if too_long:
+            raise UsageError(f"{option} {too_long[0]} + {new_option} {new_tokens} exceed the model's context of "
+                              f"{max_positions} positions (give {option} {room} or less)")
+        return list(lengths)
+    return [n for n in DEFAULT_PROMPT_LENS if n <= room] or [room]
 
 
 def _summary(prefill_ms, decode_tps):
@@ -28,15 +60,16 @@ def _summary(prefill_ms, decode_tps):
             "prefill_ms_runs": prefill_ms, "decode_tokens_per_s_runs": decode_tps}
 
 
-def bench_backend(backend, prompt_lens=(128,), new_tokens=64, repeats=3, seed=0, warmup=True):
-    """{prompt_len: {prefill_ms, decode_tokens_per_s, ...}} for batch 1, greedy, EOS ignored."""
+def bench_backend(backend, prompt_lens=(128,), new_tokens=64, repeats=3, seed=0, warmup=True, vocab=None):
+    """{prompt_len: {prefill_ms, decode_tokens_per_s, ...}} for batch 1, greedy, EOS ignored; prompts drawn
+    from `vocab` (ordinary_ids of the bundle's tokenizer; default: the backend's vocabulary size)."""
     from ..base.progress import bar
 
     results = {}
     runs = bar(total=len(prompt_lens) * (repeats + bool(warmup)), desc=f"bench {getattr(backend, 'name', '')}",
                unit="run")
     for length in prompt_lens:
-        prompt = random_prompt(length, backend.vocab_size, seed)
+        prompt = random_prompt(length, backend.vocab_size if vocab is None else vocab, seed)
         if warmup:
             generate_ids(backend, [prompt], min(4, new_tokens), Sampler(), eos_ids=())
             runs.update(1)
@@ -89,14 +122,14 @@ def reference_greedy(model, prompt, new_tokens):
     return t1 - t0, t2 - t1, tokens, np.stack(logits_seen)
 
 
-def bench_reference(model, prompt_lens=(128,), new_tokens=64, repeats=3, seed=0, vocab_size=None):
+def bench_reference(model, prompt_lens=(128,), new_tokens=64, repeats=3, seed=0, vocab=None):
     from ..base.progress import bar
 
-    vocab_size = vocab_size or model.config.vocab_size
+    vocab = model.config.vocab_size if vocab is None else vocab
     results = {}
     runs = bar(total=len(prompt_lens) * (repeats + 1), desc="bench transformers", unit="run")
     for length in prompt_lens:
-        prompt = random_prompt(length, vocab_size, seed)
+        prompt = random_prompt(length, vocab, seed)
         reference_greedy(model, prompt, min(4, new_tokens))  # warm-up
         runs.update(1)
         prefill, decode = [], []
@@ -150,20 +183,22 @@ def bench_bundle(bundle, backend_name="onnxruntime", prompt_lens=(128,), new_tok
     from .backends import make_backend
 
     threads = threads or physical_cores()
+    prompt_lens = prompt_lengths(prompt_lens, new_tokens, bundle.spec.max_positions)
+    vocab = bundle_vocab(bundle)
     engine = make_backend(backend_name, bundle, threads=threads, int8_accuracy=int8_accuracy,
                           io_binding=io_binding, kv_in_place=kv_in_place)
-    ours = bench_backend(engine, prompt_lens, new_tokens, repeats, seed)
-    report = {"backend": engine.describe(), "new_tokens": new_tokens, "repeats": repeats, "threads": threads,
+    ours = bench_backend(engine, prompt_lens, new_tokens, repeats, seed, vocab=vocab)
+    report = {"backend": engine.describe(), "new_tokens": new_tokens, "prompt_ids": len(vocab), "repeats": repeats, "threads": threads,
               "rows": [], "reference": None}
     ref = None
     if reference:
         del engine  # free the sessions before loading a second copy of the weights
         try:
-            model = load_reference_model(bundle.source_model(), threads)
+            model = load_reference_model(bundle.source_model(float_only=True), threads)
         except Exception as exc:  # the reference is optional: say why it is missing
             report["reference_error"] = str(exc).splitlines()[0]
         else:
-            ref = bench_reference(model, prompt_lens, new_tokens, repeats, seed, bundle.vocab_size)
+            ref = bench_reference(model, prompt_lens, new_tokens, repeats, seed, vocab)
             report["reference"] = "transformers Qwen2ForCausalLM eager (fp32)"
     for length in prompt_lens:
         row = {"prompt_len": length, "prefill_ms": ours[length]["prefill_ms"],
@@ -176,3 +211,13 @@ def bench_bundle(bundle, backend_name="onnxruntime", prompt_lens=(128,), new_tok
             row["reference_runs"] = ref[length]
         report["rows"].append(row)
     return report
+
+
+def bundle_vocab(bundle):
+    """ordinary_ids() of the bundle's own tokenizer (its vocabulary size alone when it has none)."""
+    from .bundle import load_tokenizer
+
+    try:
+        return ordinary_ids(bundle.vocab_size, load_tokenizer(bundle))
+    except Exception:  # no usable tokenizer files: ids below the vocabulary size and Qwen's specials
+        return ordinary_ids(bundle.vocab_size)

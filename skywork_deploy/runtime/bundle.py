@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..base.errors import ModelFormatError, UsageError
+from ..base.errors import DeployError, ModelFormatError, UsageError
 from ..base.manifest import MANIFEST_NAME, find_stage_output, read_manifest
 from ..base.spec import ModelSpec, read_config, read_json
 
@@ -62,16 +62,30 @@ class Bundle:
                                    f"(re-run `skywork-deploy export` into {self.folder})")
         return path
 
-    def source_model(self):
-        """The model folder the torch backend loads: the folder itself, or the one the manifest records."""
+    def source_chain(self):
+        """The folders this bundle was made from, nearest first (export <- quantize <- patch <- the user's model),
+        each where its stage recorded it or, for a build folder moved since, beside it under the same name."""
+        chain, manifest, here = [], self.manifest, self.folder
+        for _ in range(8):
+            value = _recorded_source(manifest)
+            if value is None:
+                break
+            path = Path(value)
+            if not path.is_dir() and (here.parent / path.name).is_dir():
+                path = here.parent / path.name
+            chain.append(path)
+            manifest, here = _stage_manifest(path), path
+        return chain
+
+    def source_model(self, float_only=False):
+        """The model folder the torch backend loads: the folder itself, or the one the manifests record (with
+        `float_only`, the first that is not a `quantize` output: the float reference, a build's patch/)."""
         if self.kind == "model":
             return self.folder
-        for key in SOURCE_KEYS:
-            value = self.manifest.get(key)
-            if isinstance(value, dict):  # {"path": ..., "sha256": ...} style entries
-                value = value.get("path") or value.get("folder")
-            if isinstance(value, str) and (Path(value) / "config.json").is_file():
-                return Path(value)
+        for path in self.source_chain():
+            if (path / "config.json").is_file() and not (float_only and
+                                                         _stage_manifest(path).get("stage") == "quantize"):
+                return path
         raise ModelFormatError(f"{self.folder / MANIFEST_NAME}: the source model folder it records is missing; "
                                "the torch backend needs the model weights (pass the model folder as BUNDLE)")
 
@@ -94,6 +108,30 @@ class Bundle:
             return int(tokenizer.pad_token_id)
         eos = self.eos_ids(tokenizer)
         return eos[0] if eos else 0
+
+
+def _recorded_source(manifest):
+    """The folder a stage manifest says it read (export: `source`, quantize: `inputs.folder`), else None."""
+    value = next((manifest.get(k) for k in SOURCE_KEYS if manifest.get(k)), None)
+    if value is None:
+        value = (manifest.get("inputs") or {}).get("folder") if isinstance(manifest.get("inputs"), dict) else None
+    if isinstance(value, dict):  # {"path": ..., "sha256": ...} style entries
+        value = value.get("path") or value.get("folder")
+    return value if isinstance(value, str) else None
+
+
+def _stage_manifest(folder):
+    """The stage manifest of `folder` (a stage output's, or patch's own record), {} when there is none."""
+    from ..patch.stage import PATCH_MANIFEST
+
+    for name in (MANIFEST_NAME, PATCH_MANIFEST):
+        try:
+            data = read_manifest(folder, name=name)
+        except DeployError:  # unreadable: it names nothing, the chain stops there
+            return {}
+        if data:
+            return data
+    return {}
 
 
 def open_bundle(path):

@@ -14,19 +14,27 @@ import numpy as np
 from ..base.errors import ConfigError, InputError, UsageError
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as vLLM does): logits / 1e-310 would overflow
+SEED_MASK = (1 << 64) - 1  # any integer seed, negative or huge, maps onto NumPy's non-negative seeds
+
+
 class Sampler:
-    """Pick the next token of each row from (B, V) float32 logits."""
+    """Pick the next token of each row from (B, V) float32 logits.
+
+    Greedy when temperature < GREEDY_BELOW, top_p == 0 or top_k == 1; any integer is a seed."""
 
     def __init__(self, temperature=0.0, top_p=1.0, seed=0, top_k=None):
-        if temperature < 0:
+        if not temperature >= 0:  # NaN too
             raise ConfigError(f"--temperature {temperature}: must be >= 0 (0 means greedy)")
-        if not 0 < top_p <= 1:
-            raise ConfigError(f"--top-p {top_p}: must be in (0, 1]")
+        if not 0 <= top_p <= 1:
+            raise ConfigError(f"--top-p {top_p}: must be in [0, 1] (0 means greedy)")
         if top_k is not None and top_k < 0:
             raise ConfigError(f"--top-k {top_k}: must be >= 0 (0 or none keeps every token)")
         self.temperature, self.top_p = float(temperature), float(top_p)
         self.top_k = int(top_k) if top_k else None
-        self.rng = np.random.default_rng(seed)
+        if self.temperature < GREEDY_BELOW or self.top_p == 0 or self.top_k == 1:
+            self.temperature = 0.0
+        self.rng = np.random.default_rng(None if seed is None else int(seed) & SEED_MASK)
 
     def __call__(self, logits):
         if self.temperature == 0:
@@ -61,6 +69,23 @@ class Sampler:
             if probs[top].sum() >= self.top_p:
                 return top[np.argsort(-probs[top], kind="stable")]
         return np.argsort(-probs, kind="stable")
+
+
+def log_softmax(logits):
+    """(V,) logits -> (V,) float64 log-probabilities."""
+    z = logits.astype(np.float64)
+    z -= z.max()
+    return z - np.log(np.exp(z).sum())
+
+
+def token_logprobs(logits, token, top=0):
+    """(logprob of `token`, [(id, logprob)] of the `top` most likely tokens, best first) from (V,) logits."""
+    lp = log_softmax(logits)
+    if top <= 0:
+        return float(lp[token]), []
+    best = np.argpartition(-lp, top - 1)[:top] if top < lp.size else np.arange(lp.size)
+    best = best[np.argsort(-lp[best], kind="stable")]
+    return float(lp[token]), [(int(i), float(lp[i])) for i in best]
 
 
 class StreamDecoder:

@@ -1,92 +1,78 @@
 """The OpenAI-compatible HTTP API (FastAPI) over the batching engine.
 
-`GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, streamed as server-sent events
-(sse-starlette) or not. Every error is an OpenAI-style body `{"error": {"message", "type", "param", "code"}}`:
-400 for a request the server cannot run (bad JSON, a wrong field, an unknown model, max_tokens out of range,
-a prompt the bundle cannot take), 401 without the API key, 413 for a body over the size limit, 429 when the
-queue is full, 500 (message only, traceback in the server log) for anything else.
+`GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions`, `POST /v1/completions`, streamed as
+server-sent events (sse-starlette) or not; `GET /health`. Every error, whatever its status, is OpenAI's error
+object `{"error": {"message", "type", "param", "code"}}`: 400 for a request the server cannot run (bad JSON, a
+wrong or unsupported field, a prompt the bundle cannot take, a malformed header), 401 without the API key, 404
+for an unknown model (`model_not_found`) or path, 405, 413 for a body over the size limit, 429 when the queue is
+full and 503 while draining (both with `Retry-After`), 500 (message only, traceback in the server log).
+
+Requests are checked completely (protocol.py) and tokenized on worker threads before they reach the engine: the
+event loop and the engine thread never run one request's per-request CPU work.
 """
 import asyncio
-import json
 import logging
 import secrets
-import time
-import uuid
-from typing import Optional, Union
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException
 
-from ..base.errors import DeployError
-from ..runtime.generate import chat_template_ids
-from .engine import Params, Request as EngineRequest, ServerBusyError
+from .engine import Request as EngineRequest, ServerBusyError
+from .protocol import MAX_N, ApiError, ChatRequest, CompletionRequest, message_texts, params_for, prompt_list
+from .responses import RETRY_AFTER_S, Job, collect, stream_events
+from .tokens import TokenText, chat_ids, prompt_ids
 
 log = logging.getLogger(__name__)
-MAX_N = 64  # choices per request; beyond the free batch rows they are admitted in turn
+MAX_CONTENT_LENGTH_DIGITS = 15
 
 
-class ApiError(Exception):
-    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+def error_body(status, message, param=None, code=None, kind="invalid_request_error", headers=None):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status,
+                        headers=headers)
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
+def _where(loc):
+    """pydantic's error location -> `messages[0].content`: field names and indices, not union member tags."""
+    out = ""
+    for part in loc:
+        if part == "body" or (isinstance(part, str) and ("[" in part or part in _TAGS)):
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
 
 
-class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: Optional[str] = None
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=-1)  # -1 or 0: off, as vLLM takes it
-    seed: Optional[int] = None
-    stop: Optional[Union[str, list[str]]] = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    ignore_eos: bool = False
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str
-    content: Optional[Union[str, list[dict]]] = None
-
-
-class ChatRequest(Sampling):
-    messages: list[Message] = Field(min_length=1)
-
-
-class CompletionRequest(Sampling):
-    prompt: Union[str, list[int]]
-
-
-def error_body(status, message, param=None, code=None, kind="invalid_request_error"):
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-before"}
 
 
 def create_app(engine, model_name, tokenizer, max_positions, api_key=None, max_request_bytes=1 << 20):
     app = FastAPI(title="skywork-deploy serve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine = engine
+    app.state.engine, app.state.draining, app.state.model_name = engine, False, model_name
+    model_card = {"id": model_name, "object": "model", "created": 0, "owned_by": "skywork-deploy",
+                  "max_model_len": max_positions, "vocab_size": engine.backend.vocab_size}
+    token_text = TokenText(tokenizer)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc):
-        return error_body(exc.status, exc.message, exc.param, exc.code, exc.kind)
+        return error_body(exc.status, exc.message, exc.param, exc.code, exc.kind, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc):
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         if first.get("type") == "json_invalid":
             return error_body(400, f"the request body is not valid JSON ({first.get('msg', '')})", code="bad_json")
+        where = _where(first.get("loc", ()))
         return error_body(400, f"{where or 'body'}: {first.get('msg', 'invalid value')}", param=where or None)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, exc):
+        kinds = {404: ("not_found", "invalid_request_error"), 405: ("method_not_allowed", "invalid_request_error")}
+        code, kind = kinds.get(exc.status_code, (None, "server_error" if exc.status_code >= 500 else
+                                                 "invalid_request_error"))
+        return error_body(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code,
+                          kind=kind, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _crash(request, exc):
@@ -101,114 +87,95 @@ def create_app(engine, model_name, tokenizer, max_positions, api_key=None, max_r
             if not secrets.compare_digest(token.encode(), api_key.encode()):
                 return error_body(401, "invalid or missing API key (send the header Authorization: Bearer KEY)",
                                   code="invalid_api_key")
-        size = request.headers.get("content-length")
-        if size is not None and not size.isdigit():
-            return error_body(400, f"Content-Length {size[:40]!r} is not a number")
-        if size is not None and int(size) > max_request_bytes:
-            return error_body(413, f"the request body is over {max_request_bytes} bytes", code="too_large")
+        if app.state.draining and request.method == "POST":
+            return error_body(503, "the server is shutting down (retry on another replica or later)",
+                              code="draining", kind="server_unavailable",
+                              headers={"Retry-After": str(RETRY_AFTER_S)})
         return await call_next(request)
 
     app.add_middleware(BodyLimit, limit=max_request_bytes)  # bodies without Content-Length (chunked)
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "skywork-deploy", "max_model_len": max_positions}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        check_model(model_id)
+        return model_card
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **engine.stats()}
+        body = {"status": "draining" if app.state.draining else "ok", **engine.stats()}
+        return JSONResponse(body, 503 if app.state.draining else 200)
 
-    def check_model(body):
-        if body.model is not None and body.model != model_name:
-            raise ApiError(400, f"model {body.model!r} is not served here (this server serves "
-                           f"{model_name!r}; see GET /v1/models)", "model", "model_not_found")
+    def check_model(name):
+        if name is not None and name != model_name:
+            raise ApiError(404, f"model {name!r} is not served here (this server serves {model_name!r}; see GET "
+                           "/v1/models)", "model", "model_not_found")
 
-    def params_for(body, n_prompt):
-        room = max_positions - n_prompt
-        if room < 1:
-            raise ApiError(400, f"the prompt has {n_prompt} tokens but the model's context is {max_positions} "
-                           "tokens (shorten the prompt)", "messages", "context_length_exceeded")
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        key = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        if max_tokens is None:
-            max_tokens = room
-        if max_tokens < 1:
-            raise ApiError(400, f"{key} {max_tokens}: must be at least 1", key)
-        if max_tokens > room:
-            raise ApiError(400, f"{key} {max_tokens} + the prompt's {n_prompt} tokens exceed the model's context "
-                           f"of {max_positions} tokens (ask for at most {room})", key, "context_length_exceeded")
-        try:
-            engine.backend.bucket_for(n_prompt)
-        except DeployError as exc:
-            raise ApiError(400, str(exc), "messages", "context_length_exceeded") from None
-        stop = [body.stop] if isinstance(body.stop, str) else [s for s in (body.stop or []) if s]
-        return Params(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                      top_k=body.top_k if body.top_k and body.top_k > 0 else None, seed=body.seed,
-                      stop=[s for s in stop if s], ignore_eos=body.ignore_eos, n=body.n)
+    def chat_job(body):
+        """Worker thread: the conversation through the template -> one engine request's ids and params."""
+        ids = chat_ids(tokenizer, message_texts(body.messages))
+        top = body.top_logprobs if body.logprobs else None
+        job = Job(model_name, True, body.n, token_text, top)
+        job.prompts = [(None, ids)]
+        return job, [params_for(body, len(ids), max_positions, top)]
 
-    def chat_ids(messages):
-        convo = []
-        for m in messages:
-            content = m.content
-            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-                content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
-            convo.append({"role": m.role, "content": content or ""})
-        if not getattr(tokenizer, "chat_template", None):
-            raise ApiError(400, "the model's tokenizer has no chat template (use /v1/completions)", "messages")
-        try:
-            return chat_template_ids(tokenizer, convo)
-        except Exception as exc:  # the template raises jinja2 / ValueError for conversations it rejects
-            raise ApiError(400, f"the chat template rejects these messages ({str(exc).splitlines()[0][:200]})",
-                           "messages") from None
-
-    def completion_ids(prompt):
-        if isinstance(prompt, str):
-            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        else:
-            bad = [i for i in prompt if not 0 <= i < engine.backend.vocab_size]
-            if bad:
-                raise ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary (0..."
-                               f"{engine.backend.vocab_size - 1})", "prompt")
-            ids = list(prompt)
-        if not ids:
-            raise ApiError(400, "the prompt is empty", "prompt")
-        return ids
+    def completion_job(body):
+        items = prompt_list(body.prompt, engine.backend.vocab_size)
+        if len(items) * body.n > MAX_N:
+            raise ApiError(400, f"{len(items)} prompts x n {body.n}: at most {MAX_N} choices per request", "n")
+        prompts = []
+        for text, ids in items:
+            ids = ids if ids is not None else prompt_ids(tokenizer, text)
+            if not ids:
+                raise ApiError(400, "the prompt is empty", "prompt")
+            if text is None and body.echo:
+                text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            prompts.append((text, ids))
+        job = Job(model_name, False, body.n, token_text, body.logprobs, body.echo)
+        job.prompts = prompts
+        scored = body.echo and body.logprobs is not None
+        return job, [params_for(body, len(ids), max_positions, body.logprobs, scored) for _, ids in prompts]
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
-        check_model(body)
-        ids = chat_ids(body.messages)
-        return await run(body, ids, chat=True)
+        check_model(body.model)
+        return await run(body, *(await asyncio.to_thread(chat_job, body)))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        check_model(body)
-        return await run(body, completion_ids(body.prompt), chat=False)
+        check_model(body.model)
+        return await run(body, *(await asyncio.to_thread(completion_job, body)))
 
-    async def run(body, ids, chat):
-        params = params_for(body, len(ids))
+    async def run(body, job, params):
         loop = asyncio.get_running_loop()
-        events = asyncio.Queue()
-        req = EngineRequest(ids, params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        job.requests = [EngineRequest(ids, p, job.sink_for(loop, k)) for k, ((_, ids), p) in
+                        enumerate(zip(job.prompts, params))]
         try:
-            engine.submit(req)
+            for req in job.requests:
+                engine.submit(req)
         except ServerBusyError as exc:
-            raise ApiError(429, str(exc), code="queue_full", kind="server_busy") from None
-        shape = Shape(model_name, chat)
+            for req in job.requests:
+                engine.cancel(req)
+            raise ApiError(429, str(exc), code="queue_full", kind="server_busy",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventSourceResponse(stream_events(engine, req, events, shape, params.n, usage), ping=15)
+            return EventSourceResponse(stream_events(job, engine, usage), ping=15)
         try:
-            return await collect(req, events, shape, params.n)
+            return await collect(job)
         finally:
-            engine.cancel(req)  # no-op when finished; frees the rows if the handler was cancelled or failed
+            for req in job.requests:
+                engine.cancel(req)  # no-op when finished; frees the rows if the handler was cancelled or failed
 
     return app
 
 
 class BodyLimit:
-    """ASGI middleware: read a POST body up to `limit` bytes (413 beyond), then hand it to the app.
+    """ASGI middleware: check Content-Length (400 when malformed, 413 over `limit`) before reading anything, read
+    a POST body up to `limit` bytes (413 beyond: chunked bodies have no Content-Length), then hand it to the app.
 
     Later receive() calls go to the server's own, so a streaming response still sees the client disconnect.
     """
@@ -217,7 +184,12 @@ class BodyLimit:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") != "POST":
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        problem = self._header_problem(scope)
+        if problem is not None:
+            return await problem(scope, receive, send)
+        if scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         chunks, size, more = [], 0, True
         while more:
@@ -241,76 +213,13 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-
-class Shape:
-    """How one API (chat or completions) spells its bodies and chunks."""
-
-    def __init__(self, model, chat):
-        self.model, self.chat = model, chat
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
-
-    def head(self, obj_suffix=""):
-        kind = "chat.completion" if self.chat else "text_completion"
-        return {"id": self.id, "object": kind + obj_suffix, "created": self.created, "model": self.model}
-
-    def choice(self, index, text, reason, tokens=None, delta=False):
-        c = {"index": index, "finish_reason": reason}
-        if self.chat:
-            c["delta" if delta else "message"] = {"content": text} if delta else {"role": "assistant", "content": text}
-        else:
-            c.update(text=text or "", logprobs=None)
-        if tokens is not None:
-            c["completion_tokens"] = tokens
-        return c
-
-
-def _usage(prompt, completion):
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-async def collect(req, events, shape, n):
-    texts, reasons, tokens = [""] * n, [None] * n, [0] * n
-    while True:
-        ev = await events.get()
-        if ev["type"] == "text":
-            texts[ev["index"]] += ev["text"]
-        elif ev["type"] == "finish":
-            reasons[ev["index"]], tokens[ev["index"]] = ev["reason"], ev["tokens"]
-        elif ev["type"] == "error":
-            raise ApiError(500, ev["message"], kind="server_error")
-        else:
-            body = shape.head()
-            body["choices"] = [shape.choice(i, texts[i], reasons[i], tokens[i]) for i in range(n)]
-            body["usage"] = _usage(ev["prompt_tokens"], sum(tokens))
-            return body
-
-
-async def stream_events(engine, req, events, shape, n, include_usage):
-    """SSE data lines; a client that goes away cancels the generator, and `finally` frees the request's rows."""
-    tokens = [0] * n
-    try:
-        if shape.chat:  # the first chunk of each choice carries the role, as OpenAI's does
-            yield json.dumps({**shape.head(".chunk"), "choices": [
-                {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(n)]})
-        while True:
-            ev = await events.get()
-            if ev["type"] == "text":
-                yield json.dumps({**shape.head(".chunk"),
-                                  "choices": [shape.choice(ev["index"], ev["text"], None, delta=True)]})
-            elif ev["type"] == "finish":
-                tokens[ev["index"]] = ev["tokens"]
-                yield json.dumps({**shape.head(".chunk"),
-                                  "choices": [shape.choice(ev["index"], "", ev["reason"], delta=True)]})
-            elif ev["type"] == "error":
-                yield json.dumps({"error": {"message": ev["message"], "type": "server_error", "param": None,
-                                            "code": None}})
-                break
-            else:
-                if include_usage:
-                    yield json.dumps({**shape.head(".chunk"), "choices": [],
-                                      "usage": _usage(ev["prompt_tokens"], sum(tokens))})
-                break
-        yield "[DONE]"
-    finally:
-        engine.cancel(req)
+    def _header_problem(self, scope):
+        sizes = [v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == b"content-length"]
+        if not sizes:
+            return None
+        size = sizes[0].strip()
+        if len(sizes) > 1 or not size.isdigit() or len(size) > MAX_CONTENT_LENGTH_DIGITS:
+            return error_body(400, f"Content-Length {size[:40]!r} is not one byte count", code="bad_header")
+        if int(size) > self.limit:
+            return error_body(413, f"the request body is over {self.limit} bytes", code="too_large")
+        return None

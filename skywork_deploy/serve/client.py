@@ -48,6 +48,9 @@ def base_url(url):
 
 class EndpointClient:
     def __init__(self, url, model=None, api_key=None, timeout=600.0):
+        from .server import require_serve_extra
+
+        require_serve_extra(("httpx",), "talking to an --endpoint")
         import httpx
 
         self.url = base_url(url)
@@ -113,6 +116,11 @@ class EndpointClient:
     def models(self):
         data = self._get("/models")
         return [m["id"] for m in data.get("data", [])]
+
+    def model_card(self):
+        """The /v1/models entry of the model in use ({} when the server lists it without details)."""
+        data = self._get("/models").get("data", [])
+        return next((m for m in data if isinstance(m, dict) and m.get("id") == self.model), {})
 
     def _body(self, max_tokens, temperature=0.0, top_p=1.0, top_k=None, seed=None, n=1, stop=None,
               ignore_eos=False):

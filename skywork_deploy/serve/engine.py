@@ -13,84 +13,53 @@ or cancelled row is dropped (its K/V rows sliced out) and columns that no remain
 Each decode step then feeds every row's last token in one (B, 1) graph run. Joining and dropping copy the
 cache; steady decoding appends to the backend's in-place K/V buffers.
 
+Fairness: requests are checked and tokenized before they reach the engine (app.py, on worker threads). A prefill
+of more than `prefill_inline_tokens` (padded) tokens while rows are decoding runs on its own thread
+(`BackgroundPrefill`; ONNX Runtime sessions run concurrently) and the batch keeps decoding until it joins: a long
+prompt costs the running streams the CPU it shares, not its whole prefill as one stall. (The decode graph takes
+one token per row, so a vLLM-style chunked prefill is not possible with these graphs; with one session at a time,
+the memory policy of big models, the prefill runs inline.)
+
 Results go back through each request's `sink(event)`, called on the engine thread:
-`{"type": "text", "index": i, "text": piece}`, `{"type": "finish", "index": i, "reason": "stop"|"length",
-"tokens": n}`, `{"type": "end", "prompt_tokens": n}` (all choices done) or `{"type": "error", "message": m}`.
+`{"type": "text", "index": i, "text": piece, "logprobs": [(token, logprob, top)]}`, `{"type": "prompt_logprobs",
+"index": i, "entries": [...]}` (echo with logprobs: the prompt's tokens after the first), `{"type": "finish",
+"index": i, "reason": "stop"|"length", "tokens": n, "logprobs": [...]}`, `{"type": "end", "prompt_tokens": n}`
+(all choices done) or `{"type": "error", "message": m, "status": 400|500|503}`. Whatever one request carries
+(parameters the sampler refuses, ids outside the vocabulary, a failing step of its own) fails that request
+alone (`Request.fail`); only a failing graph run fails the batch it ran.
 """
 import collections
 import logging
 import threading
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..base.errors import DeployError
-from ..runtime.generate import Sampler, StreamDecoder, left_pad
+from ..runtime.generate import left_pad
+from .rows import Params, Row
 
 log = logging.getLogger(__name__)
+__all__ = ["Engine", "Params", "Request", "ServerBusyError"]
+PREFILL_INLINE_TOKENS = 512  # a larger prefill (padded tokens) runs beside the running batch's decode steps
 
 
 class ServerBusyError(DeployError):
     """The engine's queue is full (the server answers 429)."""
 
 
-@dataclass
-class Params:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = None
-    seed: int = None
-    stop: list = field(default_factory=list)
-    ignore_eos: bool = False
-    n: int = 1
-
-
 class Request:
     def __init__(self, prompt_ids, params, sink):
         self.prompt_ids, self.params, self.sink = list(prompt_ids), params, sink
         self.cancelled = False
+        self.failed = False
         self.open_rows = params.n
         self.admitted = 0  # choices given a batch row so far (n may exceed the free rows: admitted in parts)
 
-
-class Row:
-    """One choice of a request: its sampler, tokens, incremental text and stop-string hold-back."""
-
-    def __init__(self, request, index, tokenizer):
-        p = request.params
-        seed = None if p.seed is None else p.seed + index
-        self.request, self.index = request, index
-        self.sampler = Sampler(p.temperature, p.top_p, seed, p.top_k)
-        self.stream = StreamDecoder(tokenizer)
-        self.tokens, self.text, self.sent = [], "", 0
-        self.done = False
-
-    def emit(self, piece, final=False):
-        """Add decoded text; send what cannot be the start of a stop string. True when a stop string hit."""
-        self.text += piece
-        stops = self.request.params.stop
-        hit = min((i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in stops) if i >= 0),
-                  default=-1)
-        if hit >= 0:
-            self.text = self.text[:hit]
-            final = True
-        end = len(self.text) if final else len(self.text) - _held(self.text, stops)
-        if end > self.sent:
-            self.request.sink({"type": "text", "index": self.index, "text": self.text[self.sent:end]})
-            self.sent = end
-        return hit >= 0
-
-
-def _held(text, stops):
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
+    def fail(self, message, status=500):
+        """End the request with an error event (once); its rows are dropped at the next step."""
+        if not self.failed:
+            self.failed = self.cancelled = True
+            self.sink({"type": "error", "message": message, "status": status})
 
 
 class Engine:
@@ -104,6 +73,9 @@ class Engine:
         self.cond = threading.Condition()
         self.stopping = False
         self.steps = 0  # decode graph runs (a step of B rows counts once)
+        self.prefilling = None  # a BackgroundPrefill while a long prompt is prefilled beside the decode steps
+        self.prefill_inline_tokens = PREFILL_INLINE_TOKENS
+        self.background_prefills = 0
         self.thread = threading.Thread(target=self._loop, name="skywork-deploy-engine", daemon=True)
 
     # -- the request side (any thread) -------------------------------------------------------------------
@@ -132,18 +104,37 @@ class Engine:
 
     def stats(self):
         with self.cond:
-            return {"running": len(self.rows), "waiting": len(self.waiting), "decode_steps": self.steps}
+            return {"running": len(self.rows), "waiting": len(self.waiting), "decode_steps": self.steps,
+                    "prefilling": len(self.prefilling.rows) if self.prefilling else 0,
+                    "background_prefills": self.background_prefills}
+
+    def idle(self):
+        with self.cond:
+            return not self.rows and not self.waiting and self.prefilling is None
+
+    def abort_all(self, message, status=503):
+        """End every running and waiting request with an error event (the drain's last step)."""
+        with self.cond:
+            rows = self.rows + (self.prefilling.rows if self.prefilling else [])
+            requests = {id(r.request): r.request for r in rows}
+            requests.update((id(r), r) for r in self.waiting)
+            self.waiting.clear()
+            self.cond.notify_all()
+        for req in requests.values():
+            req.fail(message, status)
 
     # -- the engine thread -------------------------------------------------------------------------------
     def _loop(self):
         while True:
             with self.cond:
-                while not self.stopping and not self.rows and not self.waiting:
+                while not self.stopping and self._nothing_to_do():
                     self.cond.wait()
                 if self.stopping:
                     return
-                new = self._take()
+                new = self._take() if self.prefilling is None else []
             try:
+                if self.prefilling is not None and self.prefilling.done.is_set():
+                    self._join_prefill()
                 if new:
                     self._admit(new)
                 self._drop_finished()
@@ -152,12 +143,20 @@ class Engine:
                     self._drop_finished()
             except Exception as exc:  # a failing graph run must not kill the server: fail the batch, go on
                 log.exception("engine step failed")
-                message = f"generation failed: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}"
+                message = f"generation failed: {_first_line(exc)}"
                 for req in {id(r.request): r.request for r in self.rows}.values():
-                    req.sink({"type": "error", "message": message})
+                    req.fail(message)
                 for req, _ in new:
-                    req.sink({"type": "error", "message": message})
+                    req.fail(message)
                 self.rows, self.mask, self.kv, self.pending = [], None, None, None
+
+    def _nothing_to_do(self):
+        """(lock held) No row to decode, and no prefill result or waiting request to take up."""
+        if self.rows:
+            return False
+        if self.prefilling is not None:
+            return not self.prefilling.done.is_set()
+        return not self.waiting
 
     def _take(self):
         """[(request, choice indices)] for the free batch rows, in arrival order (called with the lock held)."""
@@ -175,13 +174,58 @@ class Engine:
                 self.waiting.popleft()
         return taken
 
+    def _rows_for(self, taken):
+        """Rows of the requests taken; a request whose rows cannot be built (bad parameters, ids outside the
+        vocabulary or the context) fails alone."""
+        rows = []
+        for req, indices in taken:
+            try:
+                self._check_prompt(req)
+                rows += [Row(req, i, self.tokenizer, self.eos) for i in indices]
+            except Exception as exc:  # whatever a request carries, it fails only itself
+                log.warning("request refused by the engine: %s", _first_line(exc))
+                req.fail(f"the request cannot run: {_first_line(exc)}", 400)
+        return rows
+
+    def _check_prompt(self, req):
+        ids, vocab = req.prompt_ids, self.backend.vocab_size
+        if not ids or not all(isinstance(i, int) and 0 <= i < vocab for i in ids):
+            raise DeployError(f"prompt token ids must be integers in 0...{vocab - 1}")
+        p = req.params
+        if len(ids) + p.max_tokens > self.backend.max_positions:
+            raise DeployError(f"prompt + max_tokens exceed the model's context of {self.backend.max_positions}")
+        self.backend.bucket_for(len(ids))
+
     def _admit(self, taken):
-        rows = [Row(req, i, self.tokenizer) for req, indices in taken for i in indices]
-        prompts = [r.request.prompt_ids for r in rows]
+        rows = self._rows_for(taken)
+        if not rows:
+            return
+        prompts = [r.prefill_ids for r in rows]
         longest = max(len(p) for p in prompts)
         ids, mask, pos = left_pad(prompts, self.pad_id, self.backend.bucket_for(longest))
+        if self.rows and ids.size > self.prefill_inline_tokens and not getattr(self.backend, "one_session", False):
+            self.prefilling = BackgroundPrefill(self.backend, rows, ids, mask, pos, self._wake)
+            self.background_prefills += 1
+            return  # the running rows keep decoding; the new ones join when their prefill is done
         logits, kv = self.backend.prefill(ids, mask, pos)
-        first = np.array([row.sampler(logits[i:i + 1])[0] for i, row in enumerate(rows)], dtype=np.int64)
+        self._join(rows, logits, kv, mask)
+
+    def _wake(self):
+        with self.cond:
+            self.cond.notify_all()
+
+    def _join_prefill(self):
+        job, self.prefilling = self.prefilling, None
+        if job.error is not None:  # fails the requests it prefilled, not the running batch
+            log.error("prefill failed: %s", _first_line(job.error))
+            for row in job.rows:
+                row.request.fail(f"generation failed: {_first_line(job.error)}")
+            return
+        self._join(job.rows, *job.result, job.mask)
+
+    def _join(self, rows, logits, kv, mask):
+        """New rows' prefill results (logits (N, V), K/V, mask (N, S)) joined to the running batch."""
+        first = self._steps(rows, logits)
         new_kv = kv_arrays(kv)
         if self.rows:
             width = max(self.mask.shape[1], mask.shape[1])
@@ -193,8 +237,6 @@ class Engine:
         else:
             self.kv, self.mask, self.pending = kv, mask, first
         self.rows += rows
-        for row, token in zip(rows, first):
-            self._accept(row, int(token))
 
     def _decode(self):
         b = len(self.rows)
@@ -202,37 +244,22 @@ class Engine:
         logits, self.kv = self.backend.decode(self.pending[:, None], self.mask,
                                               self.mask.sum(-1, keepdims=True) - 1, self.kv)
         self.steps += 1
-        greedy = logits.argmax(-1)
-        nxt = np.array([greedy[i] if row.sampler.temperature == 0 else row.sampler(logits[i:i + 1])[0]
-                        for i, row in enumerate(self.rows)], dtype=np.int64)
-        self.pending = nxt
-        for row, token in zip(self.rows, nxt):
-            if not row.done:
-                self._accept(row, int(token))
+        self.pending = self._steps(self.rows, logits)
 
-    def _accept(self, row, token):
-        """Take a row's next token: text out, and the row finished on EOS, a stop string or max_tokens."""
-        p = row.request.params
-        if row.request.cancelled:
-            row.done = True
-            return
-        row.tokens.append(token)
-        if token in self.eos and not p.ignore_eos:
-            row.emit(row.stream.flush(), final=True)
-            return self._finish(row, "stop")
-        if row.emit(row.stream.push(token)):
-            return self._finish(row, "stop")
-        if len(row.tokens) >= p.max_tokens:
-            row.emit(row.stream.flush(), final=True)
-            self._finish(row, "length")
-
-    def _finish(self, row, reason):
-        row.done = True
-        req = row.request
-        req.sink({"type": "finish", "index": row.index, "reason": reason, "tokens": len(row.tokens)})
-        req.open_rows -= 1
-        if req.open_rows == 0:
-            req.sink({"type": "end", "prompt_tokens": len(req.prompt_ids)})
+    def _steps(self, rows, logits):
+        """Each live row's next token from its logits (B, V); a row that fails ends its own request only."""
+        nxt = np.full(len(rows), self.pad_id, dtype=np.int64)
+        for i, row in enumerate(rows):
+            if row.done or row.request.cancelled:
+                row.done = True
+                continue
+            try:
+                nxt[i] = row.step(logits[i])
+            except Exception as exc:  # whatever a request carries, it fails only itself
+                log.exception("a request failed in the engine")
+                row.request.fail(f"generation failed: {_first_line(exc)}")
+                row.done = True
+        return nxt
 
     def _drop_finished(self):
         for row in self.rows:
@@ -248,6 +275,30 @@ class Engine:
         self.kv = to_kv(self.backend, [np.ascontiguousarray(a[keep][:, :, start:]) for a in kv_arrays(self.kv)])
         self.mask, self.pending = np.ascontiguousarray(mask[:, start:]), self.pending[keep]
         self.rows = [self.rows[i] for i in keep]
+
+
+class BackgroundPrefill:
+    """A prefill on its own thread (ONNX Runtime sessions run concurrently): the engine keeps decoding the running
+    rows meanwhile, so a long prompt delays them by the CPU it shares, not by its whole prefill."""
+
+    def __init__(self, backend, rows, ids, mask, pos, on_done):
+        self.rows, self.mask, self.result, self.error = rows, mask, None, None
+        self.done = threading.Event()
+        threading.Thread(target=self._run, args=(backend, ids, mask, pos, on_done), daemon=True,
+                         name="skywork-deploy-prefill").start()
+
+    def _run(self, backend, ids, mask, pos, on_done):
+        try:
+            self.result = backend.prefill(ids, mask, pos)
+        except Exception as exc:  # handed to the engine thread, which fails these requests only
+            self.error = exc
+        finally:
+            self.done.set()
+            on_done()
+
+
+def _first_line(exc):
+    return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
 
 
 def _pad_left(a, width, axis):

@@ -6,9 +6,11 @@ usage. Per request: TTFT (first text chunk), E2E latency, TPOT = (latency - TTFT
 inter-token latencies (gaps between chunks). Per level: request and token throughput over the wall time and
 mean / median / p99 of each latency in ms.
 
-Prompts are token ids: sent as text when a tokenizer is given (decoded; the server re-encodes them, so the
-prompt length it reports may differ by a few tokens: the report uses the server's count), else as a token-id
-list, which our server and vLLM's `/v1/completions` accept.
+Prompts are ordinary token ids of the served model (runtime.bench.ordinary_ids: the bundle's tokenizer locally,
+`--tokenizer`, else the vocabulary size the endpoint's /v1/models reports, else Qwen's): sent as text when a
+tokenizer is given (decoded; the server re-encodes them, so the prompt length it reports may differ by a few
+tokens: the report uses the server's count), else as a token-id list, which our server and vLLM's
+`/v1/completions` accept. The default prompt length fits the context the endpoint reports (`max_model_len`).
 """
 import statistics
 import threading
@@ -17,16 +19,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..base.errors import ConfigError
+from ..base.errors import ConfigError, EndpointError
+from ..runtime.bench import BASE_VOCAB, ordinary_ids, prompt_lengths, random_prompt
 from .client import EndpointClient
 
-BASE_VOCAB = 151643  # ids below this are ordinary BPE tokens in Qwen vocabularies
 METRICS = ("ttft", "tpot", "itl", "e2el")
 
 
-def random_prompts(n, input_len, vocab_size, seed=0):
+def random_prompts(n, input_len, vocab, seed=0):
+    """`n` prompts of `input_len` ids from `vocab` (an ordinary_ids() array or a vocabulary size), seeded."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, min(vocab_size, BASE_VOCAB), size=input_len).tolist() for _ in range(n)]
+    return [random_prompt(input_len, vocab, int(s)) for s in rng.integers(0, 1 << 31, size=n)]
 
 
 def one_request(client, prompt, output_len):
@@ -81,25 +84,40 @@ def run_level(client, prompts, output_len, concurrency):
     return row
 
 
-def bench_endpoint(url, model=None, api_key=None, input_len=128, output_len=64, concurrency=(1, 4, 8, 16),
-                   num_prompts=None, tokenizer=None, vocab_size=None, seed=0, warmup=True):
-    """The serving benchmark at each concurrency level -> {"endpoint", "model", "rows": [...], ...}."""
-    if input_len < 1 or output_len < 1:
+def bench_endpoint(url, model=None, api_key=None, input_len=None, output_len=64, concurrency=(1, 4, 8, 16),
+                   num_prompts=None, tokenizer=None, vocab=None, seed=0, warmup=True):
+    """The serving benchmark at each concurrency level -> {"endpoint", "model", "rows": [...], ...}.
+
+    `vocab`: the ordinary ids prompts use (default: from `tokenizer`, else the endpoint's model card)."""
+    if (input_len is not None and input_len < 1) or output_len < 1:
         raise ConfigError(f"--input-len {input_len} / --output-len {output_len}: both must be at least 1")
     if not concurrency or min(concurrency) < 1:
         raise ConfigError(f"--concurrency {concurrency}: give levels >= 1, e.g. 1,4,8,16")
-    vocab_size = vocab_size or (len(tokenizer) if tokenizer is not None else BASE_VOCAB)
-    report = {"endpoint": None, "model": None, "input_len": input_len, "output_len": output_len, "seed": seed,
-              "prompts_as": "text" if tokenizer is not None else "token ids", "rows": []}
     with EndpointClient(url, model=model, api_key=api_key) as client:
-        report["endpoint"], report["model"] = client.url, client.model
-        if warmup:  # the first graph runs pay one-time costs; they are not the server's speed
-            one_request(client, random_prompts(1, input_len, vocab_size, seed + 999)[0], min(4, output_len))
-        for level in concurrency:
-            n = num_prompts or max(4, 2 * level)
-            ids = random_prompts(n, input_len, vocab_size, seed + level)
-            prompts = [tokenizer.decode(p) for p in ids] if tokenizer is not None else ids
-            report["rows"].append(run_level(client, prompts, output_len, level))
+        card = client.model_card()
+        context = card.get("max_model_len")
+        if context:
+            input_len = prompt_lengths([input_len] if input_len else None, output_len, int(context),
+                                       "--input-len", "--output-len")[0]
+        input_len = input_len or 128
+        if vocab is None:
+            size = card.get("vocab_size") or (len(tokenizer) if tokenizer is not None else BASE_VOCAB)
+            vocab = ordinary_ids(int(size), tokenizer)
+        report = {"endpoint": client.url, "model": client.model, "input_len": input_len, "output_len": output_len,
+                  "seed": seed, "prompts_as": "text" if tokenizer is not None else "token ids", "rows": []}
+        try:
+            if warmup:  # the first graph runs pay one-time costs; they are not the server's speed
+                one_request(client, random_prompts(1, input_len, vocab, seed + 999)[0], min(4, output_len))
+            for level in concurrency:
+                n = num_prompts or max(4, 2 * level)
+                ids = random_prompts(n, input_len, vocab, seed + level)
+                prompts = [tokenizer.decode(p) for p in ids] if tokenizer is not None else ids
+                report["rows"].append(run_level(client, prompts, output_len, level))
+        except EndpointError as exc:
+            if "outside the vocabulary" in str(exc):
+                raise EndpointError(f"{exc} (pass --tokenizer with the served model's tokenizer folder)",
+                                    status=exc.status) from None
+            raise
     return report
 
 

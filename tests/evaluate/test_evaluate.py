@@ -153,13 +153,9 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def fp32_bundle(demo_model, tmp_path_factory):
-    """The demo model exported to fp32 ONNX (validated by the exporter)."""
-    from skywork_deploy.export import export_model
-
-    bundle = tmp_path_factory.mktemp("served") / "onnx"
-    export_model(demo_model, bundle, dtype="fp32", simplify=False)
-    return bundle
+def fp32_bundle(demo_bundle):
+    """The demo model exported to fp32 ONNX (validated by the exporter; shared, tests/conftest.py)."""
+    return demo_bundle
 
 
 def test_eval_in_process_reports_avg_pass_tokens_and_writes_jsonl(fp32_bundle, problems_file, tmp_path):
@@ -211,7 +207,7 @@ def test_eval_through_an_endpoint_against_the_in_process_reference(served_bundle
                      "--max-tokens", "80", "--reference", demo_model])
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
-    assert lines[0].startswith(f"target onnx@{url}: avg@2 ") and "pass@2" in lines[0]
+    assert lines[0].startswith(f"target demo_model@{url}: avg@2 ") and "pass@2" in lines[0]  # the served name
     assert lines[1].startswith("reference fp32 (torch")
     assert " points +- " in lines[-1] and "(paired SE, 3 problems)" in lines[-1]
 

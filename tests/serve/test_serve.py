@@ -1,7 +1,7 @@
 """`serve`: the OpenAI API over ONNX Runtime (a real uvicorn server on a loopback port and the real httpx
 client), continuous batching, errors, the vastgenx launcher with a stand-in executable, and the serving bench.
 
-One fp32 bundle of a tiny random Qwen2 is exported once per module; one server runs on it for the module.
+One fp32 bundle of a tiny random Qwen2 is exported once per session; one server runs on it (tests/conftest.py).
 """
 import json
 import os
@@ -17,34 +17,24 @@ import pytest
 
 from skywork_deploy.base.errors import EndpointError, ExternalToolError, NetworkError
 from skywork_deploy.serve.client import EndpointClient
-from skywork_deploy.serve.server import load_engine, start_in_thread
+from skywork_deploy.serve.server import start_in_thread
 
 PROMPTS = ["Hi", "What is the capital of France? Answer briefly.", "写一首关于春天的诗", "1 2 3 4 5 6 7"]
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tiny_model_factory, tmp_path_factory):
-    from skywork_deploy.export import export_model
-
-    model = tiny_model_factory("gqa", initializer_range=0.2)  # peaky logits: no greedy near-ties
-    out = tmp_path_factory.mktemp("serve") / "tiny-bundle"
-    export_model(model, out, dtype="fp32")
-    return out
+def bundle_dir(serve_bundle):
+    return serve_bundle
 
 
 @pytest.fixture(scope="module")
-def loaded(bundle_dir):
-    engine, tokenizer, bundle = load_engine(bundle_dir, threads=2, max_batch=8, max_queue=16)
-    yield engine, tokenizer, bundle
-    engine.stop()
+def loaded(serve_loaded):
+    return serve_loaded
 
 
 @pytest.fixture(scope="module")
-def server(loaded):
-    running = start_in_thread(loaded=loaded, max_request_bytes=64 * 1024)
-    yield running
-    running.server.should_exit = True
-    running.thread.join(30)
+def server(serve_server):
+    return serve_server
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +134,7 @@ def test_bad_requests_get_openai_errors(server, loaded):
     url = server.url
     chat = {"model": "tiny-bundle", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
     cases = [
-        ({**chat, "model": "gpt-4"}, 400, "model 'gpt-4' is not served here"),
+        ({**chat, "model": "gpt-4"}, 404, "model 'gpt-4' is not served here"),
         ({**chat, "max_tokens": -1}, 400, "max_tokens -1: must be at least 1"),
         ({**chat, "max_tokens": 0}, 400, "must be at least 1"),
         ({**chat, "max_tokens": 10 ** 9}, 400, "exceed the model's context of 4096"),
@@ -170,10 +160,10 @@ def test_bad_requests_get_openai_errors(server, loaded):
     small = httpx.post(url + "/completions", content=iter([b'{"prompt": "Hi", ', b'"max_tokens": 2}']),
                        headers={"Content-Type": "application/json"})
     assert small.status_code == 200 and small.json()["usage"]["completion_tokens"] == 2
-    with pytest.raises(EndpointError, match="400: model 'nope'"):
+    with pytest.raises(EndpointError, match="404: model 'nope'"):
         EndpointClient(url, model="nope").chat(chat["messages"], max_tokens=2)
     # --api-key: a second front end on the same engine
-    keyed = start_in_thread(loaded=loaded, api_key="s3cret")
+    keyed = start_in_thread(loaded=loaded, api_key="s3cret", served_name="tiny-bundle")
     try:
         r = httpx.get(keyed.url + "/models")
         assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
@@ -205,7 +195,7 @@ def test_full_queue_answers_429(loaded):
 
     _, tokenizer, bundle = loaded
     idle = Engine(loaded[0].backend, tokenizer, bundle.eos_ids(tokenizer), bundle.pad_id(tokenizer), 2, 1)
-    running = start_in_thread(loaded=(idle, tokenizer, bundle))  # not started yet: requests wait
+    running = start_in_thread(loaded=(idle, tokenizer, bundle), served_name="tiny-bundle")  # not started: requests wait
     body = {"prompt": "Hi", "max_tokens": 2}
     first = {}
     waiter = threading.Thread(target=lambda: first.update(r=httpx.post(running.url + "/completions", json=body,
@@ -217,7 +207,7 @@ def test_full_queue_answers_429(loaded):
             assert time.monotonic() < deadline
             time.sleep(0.02)
         r = httpx.post(running.url + "/completions", json=body)
-        assert r.status_code == 429 and "queue holds 1" in r.json()["error"]["message"]
+        assert r.status_code == 429 and "queue holds 1" in r.json()["error"]["message"] and r.headers["retry-after"]
         idle.start()  # now the waiting request runs
         waiter.join(60)
         assert first["r"].status_code == 200 and first["r"].json()["usage"]["completion_tokens"] == 2
@@ -253,27 +243,62 @@ def test_serving_bench_on_a_bundle_and_an_endpoint(bundle_dir, server):
     assert "TTFT mean" in remote.stdout and "model tiny-bundle" in remote.stdout
 
 
-def test_serve_command_on_a_bundle_until_sigterm(bundle_dir):
+def test_serve_command_drains_on_sigterm(bundle_dir):
+    """SIGTERM: new requests 503 + Retry-After, a short running request finishes, long ones end with an error
+    event + [DONE] (stream) or a 503 body after --drain-timeout, exit 0; `--json` prints the address once ready."""
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "skywork_deploy", "serve", str(bundle_dir), "--port", str(port),
-                             "--threads", "1", "--api-key", "k"], stderr=subprocess.PIPE, text=True)
+                             "--threads", "1", "--api-key", "k", "--drain-timeout", "4", "--json"],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    url, auth = f"http://127.0.0.1:{port}/v1", {"Authorization": "Bearer k"}
+    long = {"prompt": "Hello", "max_tokens": 4000, "ignore_eos": True}
+    got = {}
+
+    def stream():
+        with httpx.stream("POST", url + "/completions", json={**long, "stream": True}, headers=auth,
+                          timeout=60) as r:
+            got["stream"] = [line for line in r.iter_lines() if line.startswith("data:")]
+
+    def post(key, body):
+        got[key] = httpx.post(url + "/completions", json=body, headers=auth, timeout=60)
+
     try:
-        lines = []
-        for line in proc.stderr:
-            lines.append(line)
-            if "serving tiny-bundle" in line:
-                break
-        assert lines and lines[-1].startswith(f"serving tiny-bundle at http://127.0.0.1:{port}/v1"), lines
-        with EndpointClient(f"http://127.0.0.1:{port}", api_key="k") as c:
-            assert c.complete("Hi", max_tokens=3)[0].completion_tokens == 3
+        ready = json.loads(proc.stdout.readline())  # one line once the socket listens
+        assert ready["url"] == url and ready["model"].startswith("tiny-gqa") and ready["ok"], ready
+        workers = [threading.Thread(target=stream), threading.Thread(target=post, args=("long", long))]
+        for t in workers:
+            t.start()
+        short = threading.Thread(target=post, args=("short", {"prompt": "Hi", "max_tokens": 30, "ignore_eos": True}))
+
+        def wait_running(n):
+            deadline = time.monotonic() + 30
+            while httpx.get(url.replace("/v1", "/health"), headers=auth).json()["running"] < n:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+
+        wait_running(2)
+        short.start()
+        wait_running(3)
         proc.send_signal(signal.SIGTERM)
-        # uvicorn shuts down gracefully, then re-raises the signal: the usual exit status of a SIGTERM
-        assert proc.wait(30) in (0, -signal.SIGTERM, 128 + signal.SIGTERM)  # 128+15: the CLI's exit for a stop signal
-        with pytest.raises(NetworkError):
-            EndpointClient(f"http://127.0.0.1:{port}").models()
+        for line in proc.stderr:
+            if line.startswith("draining:"):
+                break
+        refused = httpx.post(url + "/completions", json={"prompt": "Hi", "max_tokens": 2}, headers=auth)
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        assert refused.json()["error"]["code"] == "draining"
+        for t in workers + [short]:
+            t.join(60)
+        assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert got["short"].status_code == 200 and got["short"].json()["usage"]["completion_tokens"] == 30
+    assert got["long"].status_code == 503 and "drain-timeout" in got["long"].json()["error"]["message"]
+    assert got["long"].headers["retry-after"]
+    *_, error, done = got["stream"]
+    assert json.loads(error[5:])["error"]["code"] == 503 and done.strip() == "data: [DONE]"
+    with pytest.raises(NetworkError):
+        EndpointClient(url).models()
 
 
 # -- vastgenx ---------------------------------------------------------------------------------------------
@@ -391,3 +416,23 @@ def test_help_does_not_import_the_server_stack():
             "print([m for m in ('torch', 'fastapi', 'httpx', 'uvicorn', 'onnxruntime') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("blocked, args, names", [
+    (("fastapi", "sse_starlette"), ["serve", "BUNDLE", "--port", "0"], "fastapi, sse_starlette"),
+    (("httpx",), ["run", "--endpoint", "http://127.0.0.1:9", "-p", "x"], "httpx"),
+])
+def test_without_the_extra_the_install_line(bundle_dir, blocked, args, names):
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            f"        if name.split('.')[0] in {blocked!r}:\n"
+            "            raise ModuleNotFoundError(name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from skywork_deploy.cli import main\n"
+            f"sys.argv = ['skywork-deploy'] + {[str(bundle_dir) if a == 'BUNDLE' else a for a in args]!r}\n"
+            "main()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "pip install 'skywork-deploy[serve]'" in result.stderr and f"({names} not installed)" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
