@@ -65,15 +65,10 @@ def bench(bundle, prompt_len, new_tokens, repeats, backend, threads, int8_accura
     if endpoint or concurrency:
         return serving_bench(bundle, endpoint, model_name, api_key, concurrency or [1, 4, 8, 16], input_len,
                              output_len, num_prompts, threads, int8_accuracy, seed, as_json, tokenizer_path)
-    from ..base.errors import UsageError
     from ..runtime.bench import bench_bundle
     from ..runtime.bundle import open_bundle
-    from ..runtime.generate import check_context
 
-    folder = open_bundle(bundle)
-    check_context(max(prompt_len), new_tokens, folder.spec.max_positions, UsageError, "--new-tokens",
-                  "--prompt-len")  # exit 2 before a session loads
-    report = bench_bundle(folder, backend, prompt_len, new_tokens, repeats, threads=threads,
+    report = bench_bundle(open_bundle(bundle), backend, prompt_len, new_tokens, repeats, threads=threads,
                           int8_accuracy=int8_accuracy, reference=not no_reference, seed=seed,
                           io_binding=not no_io_binding, kv_in_place=not no_kv_in_place)
     if as_json:
