@@ -50,3 +50,11 @@ class EndpointError(DeployError):
     def __init__(self, message, status=None):
         super().__init__(message)
         self.status = status
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (or SIGINT), raised like Ctrl-C's KeyboardInterrupt so that every cleanup runs."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum

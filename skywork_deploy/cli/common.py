@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from ..base.errors import DeployError, UsageError
+from ..base.errors import DeployError, Interrupted, UsageError
 from ..base.manifest import MANIFEST_NAME
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -32,14 +32,6 @@ class CommandError(click.ClickException):
     def __init__(self, message, exit_code=EXIT_FAILED, stage=None, details=None):
         super().__init__(message)
         self.exit_code, self.stage, self.details = exit_code, stage, details or {}
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP (or SIGINT), raised like Ctrl-C's KeyboardInterrupt so that every cleanup runs."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

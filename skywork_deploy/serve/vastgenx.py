@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..base.errors import ConfigError, ExternalToolError, InputError, NetworkError
+from ..base.errors import ConfigError, ExternalToolError, InputError, Interrupted, NetworkError
 from ..base.fsutil import find_tool, wait_interruptibly
 
 log = logging.getLogger(__name__)
@@ -181,4 +181,4 @@ def serve_compiled(target, host="127.0.0.1", port=9900, devices=None, vastgenx=N
 
 
 def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+    raise Interrupted(signum)  # the CLI exits 128+signum, as every command does on SIGTERM

@@ -92,7 +92,8 @@ def test_a_stop_signal_cleans_up_and_exits_128_plus_signal(world, tmp_path, comm
 
 
 def test_stop_signals_raise_once_then_hand_back_to_the_callers_handler():
-    from skywork_deploy.cli.common import Interrupted, stop_signals
+    from skywork_deploy.base.errors import Interrupted
+    from skywork_deploy.cli.common import stop_signals
 
     seen = []
     term = signal.getsignal(signal.SIGTERM)
