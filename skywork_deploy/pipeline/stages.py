@@ -79,7 +79,7 @@ def _export(e, dtype, src, out):
     from ..export import export_model
 
     result = export_model(src, out, dtype=dtype, int8_format=e.int8_format, seq_lens=e.seq_lens,
-                          simplify=e.simplify, ort_ops=e.ort_ops)
+                          simplify=e.simplify, ort_ops=e.ort_ops, validation=e.validation)
     return {k: result[k] for k in ("validation", "graphs") if k in result}
 
 
