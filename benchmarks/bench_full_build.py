@@ -3,6 +3,9 @@
     python benchmarks/bench_full_build.py --shape 7b --dtypes int8,fp16
     python benchmarks/bench_full_build.py --shape 32b --layers 1,2,4 --dtypes int8 --tag 32b-sweep
     python benchmarks/bench_full_build.py --shape 7b --dtypes int8 --include-lm-head --tag 7b-int8-lm-head
+    python benchmarks/bench_full_build.py --shape 7b --dtypes fp16 --strict --tag 7b-fp16-streamed
+    python benchmarks/bench_full_build.py --shape 7b --dtypes int8 --strict --validations whole,streamed
+    python benchmarks/bench_full_build.py --shape 32b --layers 1,2,4,8 --dtypes fp16,int8 --strict --tag 32b-streamed
 
 Each case writes a bf16 checkpoint shard by shard (random normal * 0.02, seeded: 2^26 values drawn once,
 each tensor that block rotated by a seeded random offset and tiled; four shards and
@@ -13,6 +16,10 @@ stage's wall time and peak RSS from the build's own manifest. For int8 it then o
 session of the bundle (the runtime's `fast` path, one prefill + decode step) in a fresh process and reports
 its peak against the bundle's bytes. Checkpoints and builds are deleted after each case (`--keep` keeps them);
 only the JSON/MD results stay in benchmarks/results/.
+
+`--strict` drops the benchmark's `--allow-unvalidated`, so a build exits 0 only when every check ran (none
+skipped); `--validations whole,streamed` builds once per export validation way (`build --validation`), in
+the same run, and each build records per validation mode which way it ran, its peak RSS and its time.
 
 The 32B shape with 64 layers would need 65 GB of disk per copy: `--layers 1,2,4` measures reduced layer
 counts and fits peak and time against the layer count, to show what the full model needs.
@@ -120,9 +127,10 @@ def _bytes(path):
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def run_build(ckpt, dtype, out, log, include_lm_head=False):
-    cmd = [sys.executable, "-m", "skywork_deploy", "build", str(ckpt), "--dtype", dtype, "-o", str(out),
-           "--allow-unvalidated", "--json"]
+def run_build(ckpt, dtype, out, log, include_lm_head=False, strict=False, validation=None):
+    cmd = [sys.executable, "-m", "skywork_deploy", "build", str(ckpt), "--dtype", dtype, "-o", str(out), "--json"]
+    cmd += [] if strict else ["--allow-unvalidated"]
+    cmd += ["--validation", validation] if validation else []
     if include_lm_head and dtype == "int8":  # a build.yaml key (no command-line flag): lm_head in int8 too
         config = Path(str(out) + ".yaml")
         config.write_text("quantize:\n  include_lm_head: true\n")
@@ -151,8 +159,8 @@ def run_build(ckpt, dtype, out, log, include_lm_head=False):
     for name in ("export/validation.json", "validate/validation.json"):
         if (Path(out) / name).is_file():
             v = json.loads((Path(out) / name).read_text())
-            validation[name] = {k: v.get(k) for k in ("passed", "skipped", "skipped_modes", "table", "smoke")
-                                if k in v}
+            validation[name] = {k: v.get(k) for k in ("passed", "skipped", "skipped_modes", "table", "smoke", "runs",
+                                                       "seconds") if k in v}
     return {"cmd": res["cmd"], "rc": res["rc"], "wall_s": res["wall_s"],
             "peak_rss_gib": round(res["peak_rss_bytes"] / GIB, 2), "stages": stages, "export_seconds": timing,
             "validation": validation, "stderr_tail": res["stderr_tail"][-1500:],
@@ -198,7 +206,7 @@ def session_estimates(bundle, dtype):
     return {m: round(memory.check_session_fits(graphs, m, have=0).need / GIB, 2) for m in modes}
 
 
-def run_case(shape, layers, dtypes, work, keep, include_lm_head=False):
+def run_case(shape, layers, dtypes, work, keep, include_lm_head=False, strict=False, validations=(None,)):
     work = Path(work) / f"{shape}-{layers}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -208,16 +216,18 @@ def run_case(shape, layers, dtypes, work, keep, include_lm_head=False):
     case = {"shape": shape, "layers": layers, "shards": shards, "checkpoint_gib": round(ckpt_bytes / GIB, 2),
             "make_checkpoint_s": round(time.perf_counter() - t, 1), "builds": {}}
     print(json.dumps({k: v for k, v in case.items() if k != "builds"}), flush=True)
-    for dtype in dtypes:
-        out = work / f"build-{dtype}"
-        row = run_build(work / "ckpt", dtype, out, work / f"build-{dtype}.log", include_lm_head)
-        row["include_lm_head"] = include_lm_head and dtype == "int8"
+    for dtype, validation in [(d, v) for d in dtypes for v in validations]:
+        key = dtype if validation is None else f"{dtype}-{validation}"
+        out = work / f"build-{key}"
+        row = run_build(work / "ckpt", dtype, out, work / f"build-{key}.log", include_lm_head, strict, validation)
+        row.update(include_lm_head=include_lm_head and dtype == "int8", strict=strict, validation_way=validation or "auto",
+                   load_avg_after=os.getloadavg())
         if (out / "export" / "prefill.onnx").is_file():
             row["session_estimates_gib"] = session_estimates(out / "export", dtype)
         if dtype == "int8" and (out / "export" / "model.onnx.data").is_file():
             row["ort_session"] = session_memory(out / "export")
-        case["builds"][dtype] = row
-        print(json.dumps({dtype: {k: row[k] for k in ("rc", "wall_s", "peak_rss_gib", "stages")}}), flush=True)
+        case["builds"][key] = row
+        print(json.dumps({key: {k: row[k] for k in ("rc", "wall_s", "peak_rss_gib", "stages")}}), flush=True)
         if not keep:
             shutil.rmtree(out, ignore_errors=True)
     b = case["builds"]
@@ -286,6 +296,12 @@ def markdown(result):
             size = f"{b['bundle_bytes'] / 1e9:.2f}" if b.get("bundle_bytes") else ""
             lines.append(f"| {case['layers']} | {dtype} | {b['rc']} | {b['wall_s']:.0f} | {b['peak_rss_gib']} | "
                          f"{stages} | {size} | {session} |")
+            runs = ((b.get("validation") or {}).get("export/validation.json") or {}).get("runs") or {}
+            if runs:
+                lines.append("| | | | | | validation: " + "; ".join(
+                    f"{m} {r['how']}" + (f" ({r['layers_per_piece']} layers a piece)" if r.get("layers_per_piece")
+                                         else "") + f" {r.get('seconds', 0):.0f} s / "
+                    f"{(r.get('peak_rss_bytes') or 0) / GIB:.2f} GiB" for m, r in runs.items()) + " | | |")
         if "int8_over_fp16_bundle" in case:
             lines.append(f"\nint8 / fp16 bundle bytes ({case['layers']} layers): {case['int8_over_fp16_bundle']}")
     for s in result.get("sweep", []):
@@ -314,6 +330,8 @@ def main():
     ap.add_argument("--tag", default=None)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--include-lm-head", action="store_true", help="int8 builds quantize lm_head too")
+    ap.add_argument("--strict", action="store_true", help="no --allow-unvalidated: exit 0 only when every check ran")
+    ap.add_argument("--validations", default=None, help="comma-separated build --validation ways (one build each)")
     ap.add_argument("--session", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.session:
@@ -330,7 +348,8 @@ def main():
     tag = args.tag or f"{args.shape}-full-build"
     out = ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-{tag}.json"
     for n in layers:
-        result["cases"].append(run_case(args.shape, n, dtypes, args.work, args.keep, args.include_lm_head))
+        result["cases"].append(run_case(args.shape, n, dtypes, args.work, args.keep, args.include_lm_head, args.strict,
+                                        args.validations.split(",") if args.validations else (None,)))
         result["machine"]["load_avg_at_end"] = os.getloadavg()
         if len(layers) > 1:
             result["sweep"] = [s for d in dtypes if (s := sweep_summary(result["cases"], full, d))]

@@ -122,6 +122,7 @@ def plan(paths, options, is_int8, held_bytes, layers=None):
     fixed = max(max(e[0], e[-1]) for e in per_graph) - OVERHEAD
     layer = max(max(e[1:-1] or [OVERHEAD]) for e in per_graph) - OVERHEAD
     group = max(1, int(fixed // max(layer, 1))) if layers is None else max(1, int(layers))
+    group = min(group, max(len(e) - 2 for e in per_graph))  # at most the graph's layers
     return group, streamed_bytes([fixed + OVERHEAD, group * layer + OVERHEAD], held_bytes)
 
 
