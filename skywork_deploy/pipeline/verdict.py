@@ -6,7 +6,7 @@ Outcomes (what each word means, also in the README):
 - checked only: measured and recorded, not gated (the smoke run's ONNX Runtime vs torch tokens);
 - done: the stage wrote its output and has no accuracy check of its own (patch, calib);
 - skipped (why): a check that did not run, with the reason (a session that would not fit in memory,
-  `--no-eval`, a model above the quantize check's default size);
+  `--no-eval`);
 - compiled / not compiled (why): whether `vamc` ran and its outputs were checked, or only the config was
   written and checked (a dry run, because no `vamc` was found);
 - FAILED (why): a check ran and missed its thresholds (the stage raised; nothing was accepted).
