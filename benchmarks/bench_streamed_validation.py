@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 from measure import run_measured  # noqa: E402
 
 GIB = 2 ** 30
-SHAPES = {"qwen2.5-0.5b": "q05", "skywork-or1-7b": "7b"}
+SHAPES = {"qwen2.5-0.5b": "q05", "skywork-or1-7b": "7b", "tiny": "tiny"}  # tiny: a check of this script
 
 
 def _modes(dtype):
