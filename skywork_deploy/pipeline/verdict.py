@@ -86,8 +86,10 @@ def stage_outcomes(results):
                             "gate": GATE_UNCHECKED})
             else:
                 bad = [r for r in gated if not r.get("ok")]
+                streamed = [m for m, run in (v.get("runs") or {}).items() if run.get("how") == "streamed"]
                 detail = (f"{len(gated) - len(bad)}/{len(gated)} gated checks within tolerance"
-                          + (f", {len(info)} info rows not gated" if info else ""))
+                          + (f", {len(info)} info rows not gated" if info else "")
+                          + (f", layer-streamed: {', '.join(streamed)}" if streamed else ""))
                 out.append({"stage": name, "outcome": "FAILED" if bad else "validated", "detail": detail,
                             "gate": GATE_FAILED if bad else GATE_OK})
         elif name == "validate":
