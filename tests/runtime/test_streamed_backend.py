@@ -60,3 +60,30 @@ def test_streamed_step_logits_match_and_memory_is_checked_first(bundles, monkeyp
     monkeypatch.setenv(memory.LIMIT_ENV, "1M")
     with pytest.raises(memory.MemoryBudgetError, match="layer-streamed"):
         make_backend("onnxruntime-streamed", b)
+
+
+def test_build_smoke_run_streams_when_no_whole_session_fits(tiny_model_factory, tmp_path, monkeypatch):
+    """Real vocabulary (151,936 rows: the embedding and lm_head dominate, as in 7B/32B): a limit below the whole
+    session but above the largest piece makes the build's smoke run layer-streamed, its answer shortened and
+    said so, and its tokens the first tokens of the torch reference's answer."""
+    from skywork_deploy.export import export_model
+    from skywork_deploy.pipeline import stages
+    from skywork_deploy.pipeline.settings import RunSettings
+    from skywork_deploy.runtime.bundle import open_bundle
+    from skywork_deploy.runtime.streamed_backend import StreamedBackend
+
+    out = tmp_path / "fp32"
+    export_model(tiny_model_factory("gqa"), out, simplify=False)
+    monkeypatch.delenv(memory.LIMIT_ENV, raising=False)
+    bundle = open_bundle(out)
+    whole = memory.check_session_fits([bundle.graph_path(g) for g in ("prefill", "decode")], "float", have=0).need
+    pieces = StreamedBackend(bundle).memory.need
+    assert pieces < whole
+    monkeypatch.setenv(memory.LIMIT_ENV, str(int((pieces + whole) / 2 / memory.FRACTION)))
+    assert stages._smoke_session(bundle)[0] == stages.STREAMED
+    result = stages._validate(RunSettings(max_new_tokens=8), out, tmp_path / "validate")
+    smoke = result["smoke"]
+    ort, ref = smoke["runs"]["onnxruntime"], smoke["runs"]["torch"]
+    assert ort["layer_streamed"] and len(ort["tokens"]) == stages.STREAMED_SMOKE_TOKENS and len(ref["tokens"]) == 8
+    assert smoke["compared_tokens"] == stages.STREAMED_SMOKE_TOKENS and smoke["token_agreement"] == 1.0
+    assert any("shortened to 4 tokens" in n for n in smoke["notes"]) and result["passed"]
