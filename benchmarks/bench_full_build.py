@@ -272,7 +272,7 @@ def sweep_summary(cases, full_layers, dtype):
     for m in rows[0][1].get("session_estimates_gib", {}):
         na, nb = _fit(xs, [r["session_estimates_gib"][m] for _, r in rows])
         need[m] = round(na + nb * full_layers, 1)
-    return {"dtype": dtype, "layers": xs, "stages": stages,
+    return {"dtype": dtype, "layers": xs, "stages": stages, "validation_runs": _runs_fit(rows, full_layers),
             f"session_estimate_gib_at_{full_layers}": need,
             "wall_s": [r["wall_s"] for _, r in rows],
             "peak_rss_gib": [r["peak_rss_gib"] for _, r in rows],
@@ -280,6 +280,28 @@ def sweep_summary(cases, full_layers, dtype):
             "peak_fit": {"a": round(pa, 2), "b_per_layer": round(pb, 3)},
             f"wall_s_at_{full_layers}": round(a + b * full_layers, 0),
             f"peak_rss_gib_at_{full_layers}": round(pa + pb * full_layers, 2)}
+
+
+def _runs_fit(rows, full_layers):
+    """Per export validation mode: its run's way, peak RSS and time by layer count, and the line through the
+    times at `full_layers` (a layer-streamed run's peak should be flat, its time linear)."""
+    out = {}
+    for x, r in rows:
+        runs = ((r.get("validation") or {}).get("export/validation.json") or {}).get("runs") or {}
+        for mode, run in runs.items():
+            if "seconds" in run:
+                o = out.setdefault(mode, {"layers": [], "how": [], "peak_rss_gib": [], "seconds": []})
+                o["layers"].append(x)
+                o["how"].append(run["how"])
+                o["peak_rss_gib"].append(round(run["peak_rss_bytes"] / GIB, 2))
+                o["seconds"].append(run["seconds"])
+    for o in out.values():
+        if len(o["layers"]) > 1:
+            a, b = _fit(o["layers"], o["seconds"])
+            o.update(seconds_fit={"a": round(a, 1), "b_per_layer": round(b, 2)},
+                     **{f"seconds_at_{full_layers}": round(a + b * full_layers),
+                        "peak_spread": round(max(o["peak_rss_gib"]) / min(o["peak_rss_gib"]) - 1, 3)})
+    return out
 
 
 def markdown(result):
@@ -315,6 +337,10 @@ def markdown(result):
         if need:
             lines.append(f"\nOne ONNX Runtime session at {full} layers (skywork_deploy.base.memory's estimate, GiB): "
                          + ", ".join(f"{m} {v}" for m, v in need.items()))
+        for mode, o in (s.get("validation_runs") or {}).items():
+            lines.append(f"\nvalidation {mode} ({', '.join(sorted(set(o['how'])))}): peak GiB {o['peak_rss_gib']} "
+                         f"(spread {o.get('peak_spread')}), seconds {o['seconds']} at layers {o['layers']}; "
+                         f"line {o.get('seconds_fit')}, at {full} layers {o.get(f'seconds_at_{full}')} s")
         lines.append(f"\nsweep {s['dtype']}: wall = {s['wall_fit']['a']} + {s['wall_fit']['b_per_layer']} s/layer, "
                      f"peak = {s['peak_fit']['a']} + {s['peak_fit']['b_per_layer']} GiB/layer; "
                      + ", ".join(f"{k} {v}" for k, v in s.items() if k.startswith(("wall_s_at", "peak_rss_gib_at"))))
@@ -333,9 +359,12 @@ def main():
     ap.add_argument("--strict", action="store_true", help="no --allow-unvalidated: exit 0 only when every check ran")
     ap.add_argument("--validations", default=None, help="comma-separated build --validation ways (one build each)")
     ap.add_argument("--session", help=argparse.SUPPRESS)
+    ap.add_argument("--summarize", metavar="RESULT.json", help="recompute the sweep and tables of a result file")
     args = ap.parse_args()
     if args.session:
         return session_child(args.session)
+    if args.summarize:
+        return summarize(Path(args.summarize))
     full = {"7b": 28, "32b": 64, "tiny": 2}[args.shape]
     layers = [int(x) for x in args.layers.split(",")] if args.layers else [full]
     dtypes = args.dtypes.split(",")
@@ -356,6 +385,18 @@ def main():
         out.write_text(json.dumps(result, indent=2) + "\n")  # after every case: a partial run keeps its rows
         out.with_suffix(".md").write_text(markdown(result))
     print(out)
+
+
+def summarize(path):
+    """Recompute a result file's sweep (one per build key) and its markdown table."""
+    result = json.loads(path.read_text())
+    full = {"7b": 28, "32b": 64, "tiny": 2}[result["shape"]]
+    keys = list(dict.fromkeys(k for c in result["cases"] for k in c["builds"]))
+    if len(result["cases"]) > 1:
+        result["sweep"] = [s for k in keys if (s := sweep_summary(result["cases"], full, k))]
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown(result))
+    print(path.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":
