@@ -5,7 +5,8 @@
     python benchmarks/bench_full_build.py --shape 7b --dtypes int8 --include-lm-head --tag 7b-int8-lm-head
     python benchmarks/bench_full_build.py --shape 7b --dtypes fp16 --strict --tag 7b-fp16-streamed
     python benchmarks/bench_full_build.py --shape 7b --dtypes int8 --strict --validations whole,streamed
-    python benchmarks/bench_full_build.py --shape 32b --layers 1,2,4,8 --dtypes fp16,int8 --strict --tag 32b-streamed
+    python benchmarks/bench_full_build.py --shape 32b --layers 1,2,4,8 --dtypes fp16,int8 --strict --validations streamed \
+        --memory-limit 10G --tag 32b-streamed
 
 Each case writes a bf16 checkpoint shard by shard (random normal * 0.02, seeded: 2^26 values drawn once,
 each tensor that block rotated by a seeded random offset and tiled; four shards and
@@ -127,7 +128,7 @@ def _bytes(path):
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def run_build(ckpt, dtype, out, log, include_lm_head=False, strict=False, validation=None):
+def run_build(ckpt, dtype, out, log, include_lm_head=False, strict=False, validation=None, memory_limit=None):
     cmd = [sys.executable, "-m", "skywork_deploy", "build", str(ckpt), "--dtype", dtype, "-o", str(out), "--json"]
     cmd += [] if strict else ["--allow-unvalidated"]
     cmd += ["--validation", validation] if validation else []
@@ -142,6 +143,8 @@ def run_build(ckpt, dtype, out, log, include_lm_head=False, strict=False, valida
         cmd += ["--calib-dataset", "c4", "--calib-source", str(ROOT / "calibration" / "c4-sample.json.gz"),
                 "--nsamples", "16", "--seqlen", "256"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SKYWORK_DEPLOY_PROGRESS": "1"}
+    if memory_limit:  # the memory policy's own cap (a CI runner's cgroup): what the full-size model would meet
+        env["SKYWORK_DEPLOY_MEMORY_LIMIT"] = memory_limit
     res = run_measured(cmd, env=env, log_path=log, heavy=True)
     manifest = Path(out) / "manifest.json"
     stages = {}
@@ -206,7 +209,8 @@ def session_estimates(bundle, dtype):
     return {m: round(memory.check_session_fits(graphs, m, have=0).need / GIB, 2) for m in modes}
 
 
-def run_case(shape, layers, dtypes, work, keep, include_lm_head=False, strict=False, validations=(None,)):
+def run_case(shape, layers, dtypes, work, keep, include_lm_head=False, strict=False, validations=(None,),
+             memory_limit=None):
     work = Path(work) / f"{shape}-{layers}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -219,8 +223,9 @@ def run_case(shape, layers, dtypes, work, keep, include_lm_head=False, strict=Fa
     for dtype, validation in [(d, v) for d in dtypes for v in validations]:
         key = dtype if validation is None else f"{dtype}-{validation}"
         out = work / f"build-{key}"
-        row = run_build(work / "ckpt", dtype, out, work / f"build-{key}.log", include_lm_head, strict, validation)
-        row.update(include_lm_head=include_lm_head and dtype == "int8", strict=strict, validation_way=validation or "auto",
+        row = run_build(work / "ckpt", dtype, out, work / f"build-{key}.log", include_lm_head, strict, validation,
+                        memory_limit)
+        row.update(memory_limit=memory_limit, include_lm_head=include_lm_head and dtype == "int8", strict=strict, validation_way=validation or "auto",
                    load_avg_after=os.getloadavg())
         if (out / "export" / "prefill.onnx").is_file():
             row["session_estimates_gib"] = session_estimates(out / "export", dtype)
@@ -358,6 +363,9 @@ def main():
     ap.add_argument("--include-lm-head", action="store_true", help="int8 builds quantize lm_head too")
     ap.add_argument("--strict", action="store_true", help="no --allow-unvalidated: exit 0 only when every check ran")
     ap.add_argument("--validations", default=None, help="comma-separated build --validation ways (one build each)")
+    ap.add_argument("--memory-limit", default=None,
+                    help="SKYWORK_DEPLOY_MEMORY_LIMIT for the builds (e.g. 10G): reduced-layer builds then choose "
+                         "the streamed paths the full model needs")
     ap.add_argument("--session", help=argparse.SUPPRESS)
     ap.add_argument("--summarize", metavar="RESULT.json", help="recompute the sweep and tables of a result file")
     args = ap.parse_args()
@@ -378,7 +386,8 @@ def main():
     out = ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-{tag}.json"
     for n in layers:
         result["cases"].append(run_case(args.shape, n, dtypes, args.work, args.keep, args.include_lm_head, args.strict,
-                                        args.validations.split(",") if args.validations else (None,)))
+                                        args.validations.split(",") if args.validations else (None,),
+                                        args.memory_limit))
         result["machine"]["load_avg_at_end"] = os.getloadavg()
         if len(layers) > 1:
             result["sweep"] = [s for d in dtypes if (s := sweep_summary(result["cases"], full, d))]
