@@ -59,7 +59,10 @@ def _tensors(cfg):
                 (p + "self_attn.o_proj.weight", (h, h)),
                 (p + "self_attn.q_proj.bias", (h,)), (p + "self_attn.q_proj.weight", (h, h)),
                 (p + "self_attn.v_proj.bias", (kv * d,)), (p + "self_attn.v_proj.weight", (kv * d, h))]
-    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (cfg["vocab_size"], h))]
+    # a tied shape (Qwen2.5-0.5B) ships no lm_head.weight: transformers would ignore a stray one and the export
+    # would read it, so validation rightly fails (bench_streamed_validation.py's first 0.5B run, 2026-12-08)
+    head = [] if cfg.get("tie_word_embeddings") else [("lm_head.weight", (cfg["vocab_size"], h))]
+    return out + [("model.norm.weight", (h,))] + head
 
 
 def make_checkpoint(dst, shape, layers, shards, seed=0):
