@@ -177,3 +177,24 @@ def test_validation_option_is_checked(model, tmp_path):
     settings.export.validation = "sometimes"
     with pytest.raises(ConfigError, match="export.validation"):
         settings.check()
+
+
+def test_a_mismatch_is_reported_with_its_table_and_the_bundle_kept(tiny_model_factory, tmp_path):
+    """A tied config whose checkpoint still carries its own lm_head.weight: transformers ties the head to the
+    embedding, the export reads the stray tensor, and validation fails. The CLI says so with the table (not a
+    missing temporary folder), OUT is not made and the bundle is kept in OUT.failed."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "tied"
+    shutil.copytree(tiny_model_factory("tied", tokenizer=True, vocab_size=1024), src)
+    shard = next(src.glob("*.safetensors"))
+    tensors = load_file(str(shard))
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"])
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(cli, ["export", str(src), "-o", str(out), "--no-simplify", "--validation", "streamed"])
+    assert result.exit_code == 1 and "do not match the reference" in result.output and "NO" in result.output
+    assert not out.exists() and (tmp_path / "bundle.failed" / "validation.json").is_file()
