@@ -3,6 +3,10 @@
     python benchmarks/bench_full_build.py --shape 7b --dtypes int8,fp16
     python benchmarks/bench_full_build.py --shape 32b --layers 1,2,4 --dtypes int8 --tag 32b-sweep
     python benchmarks/bench_full_build.py --shape 7b --dtypes int8 --include-lm-head --tag 7b-int8-lm-head
+    python benchmarks/bench_full_build.py --shape 7b --dtypes fp16 --strict --tag 7b-fp16-streamed
+    python benchmarks/bench_full_build.py --shape 7b --dtypes int8 --strict --validations whole,streamed
+    python benchmarks/bench_full_build.py --shape 32b --layers 1,2,4,8 --dtypes fp16,int8 --strict --validations streamed \
+        --memory-limit 10G --tag 32b-streamed
 
 Each case writes a bf16 checkpoint shard by shard (random normal * 0.02, seeded: 2^26 values drawn once,
 each tensor that block rotated by a seeded random offset and tiled; four shards and
@@ -13,6 +17,10 @@ stage's wall time and peak RSS from the build's own manifest. For int8 it then o
 session of the bundle (the runtime's `fast` path, one prefill + decode step) in a fresh process and reports
 its peak against the bundle's bytes. Checkpoints and builds are deleted after each case (`--keep` keeps them);
 only the JSON/MD results stay in benchmarks/results/.
+
+`--strict` drops the benchmark's `--allow-unvalidated`, so a build exits 0 only when every check ran (none
+skipped); `--validations whole,streamed` builds once per export validation way (`build --validation`), in
+the same run, and each build records per validation mode which way it ran, its peak RSS and its time.
 
 The 32B shape with 64 layers would need 65 GB of disk per copy: `--layers 1,2,4` measures reduced layer
 counts and fits peak and time against the layer count, to show what the full model needs.
@@ -51,7 +59,10 @@ def _tensors(cfg):
                 (p + "self_attn.o_proj.weight", (h, h)),
                 (p + "self_attn.q_proj.bias", (h,)), (p + "self_attn.q_proj.weight", (h, h)),
                 (p + "self_attn.v_proj.bias", (kv * d,)), (p + "self_attn.v_proj.weight", (kv * d, h))]
-    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (cfg["vocab_size"], h))]
+    # a tied shape (Qwen2.5-0.5B) ships no lm_head.weight: transformers would ignore a stray one and the export
+    # would read it, so validation rightly fails (bench_streamed_validation.py's first 0.5B run, 2026-12-08)
+    head = [] if cfg.get("tie_word_embeddings") else [("lm_head.weight", (cfg["vocab_size"], h))]
+    return out + [("model.norm.weight", (h,))] + head
 
 
 def make_checkpoint(dst, shape, layers, shards, seed=0):
@@ -120,9 +131,10 @@ def _bytes(path):
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def run_build(ckpt, dtype, out, log, include_lm_head=False):
-    cmd = [sys.executable, "-m", "skywork_deploy", "build", str(ckpt), "--dtype", dtype, "-o", str(out),
-           "--allow-unvalidated", "--json"]
+def run_build(ckpt, dtype, out, log, include_lm_head=False, strict=False, validation=None, memory_limit=None):
+    cmd = [sys.executable, "-m", "skywork_deploy", "build", str(ckpt), "--dtype", dtype, "-o", str(out), "--json"]
+    cmd += [] if strict else ["--allow-unvalidated"]
+    cmd += ["--validation", validation] if validation else []
     if include_lm_head and dtype == "int8":  # a build.yaml key (no command-line flag): lm_head in int8 too
         config = Path(str(out) + ".yaml")
         config.write_text("quantize:\n  include_lm_head: true\n")
@@ -134,6 +146,8 @@ def run_build(ckpt, dtype, out, log, include_lm_head=False):
         cmd += ["--calib-dataset", "c4", "--calib-source", str(ROOT / "calibration" / "c4-sample.json.gz"),
                 "--nsamples", "16", "--seqlen", "256"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SKYWORK_DEPLOY_PROGRESS": "1"}
+    if memory_limit:  # the memory policy's own cap (a CI runner's cgroup): what the full-size model would meet
+        env["SKYWORK_DEPLOY_MEMORY_LIMIT"] = memory_limit
     res = run_measured(cmd, env=env, log_path=log, heavy=True)
     manifest = Path(out) / "manifest.json"
     stages = {}
@@ -151,8 +165,8 @@ def run_build(ckpt, dtype, out, log, include_lm_head=False):
     for name in ("export/validation.json", "validate/validation.json"):
         if (Path(out) / name).is_file():
             v = json.loads((Path(out) / name).read_text())
-            validation[name] = {k: v.get(k) for k in ("passed", "skipped", "skipped_modes", "table", "smoke")
-                                if k in v}
+            validation[name] = {k: v.get(k) for k in ("passed", "skipped", "skipped_modes", "table", "smoke", "runs",
+                                                       "seconds") if k in v}
     return {"cmd": res["cmd"], "rc": res["rc"], "wall_s": res["wall_s"],
             "peak_rss_gib": round(res["peak_rss_bytes"] / GIB, 2), "stages": stages, "export_seconds": timing,
             "validation": validation, "stderr_tail": res["stderr_tail"][-1500:],
@@ -198,7 +212,8 @@ def session_estimates(bundle, dtype):
     return {m: round(memory.check_session_fits(graphs, m, have=0).need / GIB, 2) for m in modes}
 
 
-def run_case(shape, layers, dtypes, work, keep, include_lm_head=False):
+def run_case(shape, layers, dtypes, work, keep, include_lm_head=False, strict=False, validations=(None,),
+             memory_limit=None):
     work = Path(work) / f"{shape}-{layers}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -208,16 +223,19 @@ def run_case(shape, layers, dtypes, work, keep, include_lm_head=False):
     case = {"shape": shape, "layers": layers, "shards": shards, "checkpoint_gib": round(ckpt_bytes / GIB, 2),
             "make_checkpoint_s": round(time.perf_counter() - t, 1), "builds": {}}
     print(json.dumps({k: v for k, v in case.items() if k != "builds"}), flush=True)
-    for dtype in dtypes:
-        out = work / f"build-{dtype}"
-        row = run_build(work / "ckpt", dtype, out, work / f"build-{dtype}.log", include_lm_head)
-        row["include_lm_head"] = include_lm_head and dtype == "int8"
+    for dtype, validation in [(d, v) for d in dtypes for v in validations]:
+        key = dtype if validation is None else f"{dtype}-{validation}"
+        out = work / f"build-{key}"
+        row = run_build(work / "ckpt", dtype, out, work / f"build-{key}.log", include_lm_head, strict, validation,
+                        memory_limit)
+        row.update(memory_limit=memory_limit, include_lm_head=include_lm_head and dtype == "int8", strict=strict, validation_way=validation or "auto",
+                   load_avg_after=os.getloadavg())
         if (out / "export" / "prefill.onnx").is_file():
             row["session_estimates_gib"] = session_estimates(out / "export", dtype)
         if dtype == "int8" and (out / "export" / "model.onnx.data").is_file():
             row["ort_session"] = session_memory(out / "export")
-        case["builds"][dtype] = row
-        print(json.dumps({dtype: {k: row[k] for k in ("rc", "wall_s", "peak_rss_gib", "stages")}}), flush=True)
+        case["builds"][key] = row
+        print(json.dumps({key: {k: row[k] for k in ("rc", "wall_s", "peak_rss_gib", "stages")}}), flush=True)
         if not keep:
             shutil.rmtree(out, ignore_errors=True)
     b = case["builds"]
@@ -262,7 +280,7 @@ def sweep_summary(cases, full_layers, dtype):
     for m in rows[0][1].get("session_estimates_gib", {}):
         na, nb = _fit(xs, [r["session_estimates_gib"][m] for _, r in rows])
         need[m] = round(na + nb * full_layers, 1)
-    return {"dtype": dtype, "layers": xs, "stages": stages,
+    return {"dtype": dtype, "layers": xs, "stages": stages, "validation_runs": _runs_fit(rows, full_layers),
             f"session_estimate_gib_at_{full_layers}": need,
             "wall_s": [r["wall_s"] for _, r in rows],
             "peak_rss_gib": [r["peak_rss_gib"] for _, r in rows],
@@ -270,6 +288,28 @@ def sweep_summary(cases, full_layers, dtype):
             "peak_fit": {"a": round(pa, 2), "b_per_layer": round(pb, 3)},
             f"wall_s_at_{full_layers}": round(a + b * full_layers, 0),
             f"peak_rss_gib_at_{full_layers}": round(pa + pb * full_layers, 2)}
+
+
+def _runs_fit(rows, full_layers):
+    """Per export validation mode: its run's way, peak RSS and time by layer count, and the line through the
+    times at `full_layers` (a layer-streamed run's peak should be flat, its time linear)."""
+    out = {}
+    for x, r in rows:
+        runs = ((r.get("validation") or {}).get("export/validation.json") or {}).get("runs") or {}
+        for mode, run in runs.items():
+            if "seconds" in run:
+                o = out.setdefault(mode, {"layers": [], "how": [], "peak_rss_gib": [], "seconds": []})
+                o["layers"].append(x)
+                o["how"].append(run["how"])
+                o["peak_rss_gib"].append(round(run["peak_rss_bytes"] / GIB, 2))
+                o["seconds"].append(run["seconds"])
+    for o in out.values():
+        if len(o["layers"]) > 1:
+            a, b = _fit(o["layers"], o["seconds"])
+            o.update(seconds_fit={"a": round(a, 1), "b_per_layer": round(b, 2)},
+                     **{f"seconds_at_{full_layers}": round(a + b * full_layers),
+                        "peak_spread": round(max(o["peak_rss_gib"]) / min(o["peak_rss_gib"]) - 1, 3)})
+    return out
 
 
 def markdown(result):
@@ -286,6 +326,12 @@ def markdown(result):
             size = f"{b['bundle_bytes'] / 1e9:.2f}" if b.get("bundle_bytes") else ""
             lines.append(f"| {case['layers']} | {dtype} | {b['rc']} | {b['wall_s']:.0f} | {b['peak_rss_gib']} | "
                          f"{stages} | {size} | {session} |")
+            runs = ((b.get("validation") or {}).get("export/validation.json") or {}).get("runs") or {}
+            if runs:
+                lines.append("| | | | | | validation: " + "; ".join(
+                    f"{m} {r['how']}" + (f" ({r['layers_per_piece']} layers a piece)" if r.get("layers_per_piece")
+                                         else "") + f" {r.get('seconds', 0):.0f} s / "
+                    f"{(r.get('peak_rss_bytes') or 0) / GIB:.2f} GiB" for m, r in runs.items()) + " | | |")
         if "int8_over_fp16_bundle" in case:
             lines.append(f"\nint8 / fp16 bundle bytes ({case['layers']} layers): {case['int8_over_fp16_bundle']}")
     for s in result.get("sweep", []):
@@ -299,6 +345,10 @@ def markdown(result):
         if need:
             lines.append(f"\nOne ONNX Runtime session at {full} layers (skywork_deploy.base.memory's estimate, GiB): "
                          + ", ".join(f"{m} {v}" for m, v in need.items()))
+        for mode, o in (s.get("validation_runs") or {}).items():
+            lines.append(f"\nvalidation {mode} ({', '.join(sorted(set(o['how'])))}): peak GiB {o['peak_rss_gib']} "
+                         f"(spread {o.get('peak_spread')}), seconds {o['seconds']} at layers {o['layers']}; "
+                         f"line {o.get('seconds_fit')}, at {full} layers {o.get(f'seconds_at_{full}')} s")
         lines.append(f"\nsweep {s['dtype']}: wall = {s['wall_fit']['a']} + {s['wall_fit']['b_per_layer']} s/layer, "
                      f"peak = {s['peak_fit']['a']} + {s['peak_fit']['b_per_layer']} GiB/layer; "
                      + ", ".join(f"{k} {v}" for k, v in s.items() if k.startswith(("wall_s_at", "peak_rss_gib_at"))))
@@ -314,10 +364,18 @@ def main():
     ap.add_argument("--tag", default=None)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--include-lm-head", action="store_true", help="int8 builds quantize lm_head too")
+    ap.add_argument("--strict", action="store_true", help="no --allow-unvalidated: exit 0 only when every check ran")
+    ap.add_argument("--validations", default=None, help="comma-separated build --validation ways (one build each)")
+    ap.add_argument("--memory-limit", default=None,
+                    help="SKYWORK_DEPLOY_MEMORY_LIMIT for the builds (e.g. 10G): reduced-layer builds then choose "
+                         "the streamed paths the full model needs")
     ap.add_argument("--session", help=argparse.SUPPRESS)
+    ap.add_argument("--summarize", metavar="RESULT.json", help="recompute the sweep and tables of a result file")
     args = ap.parse_args()
     if args.session:
         return session_child(args.session)
+    if args.summarize:
+        return summarize(Path(args.summarize))
     full = {"7b": 28, "32b": 64, "tiny": 2}[args.shape]
     layers = [int(x) for x in args.layers.split(",")] if args.layers else [full]
     dtypes = args.dtypes.split(",")
@@ -330,13 +388,27 @@ def main():
     tag = args.tag or f"{args.shape}-full-build"
     out = ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-{tag}.json"
     for n in layers:
-        result["cases"].append(run_case(args.shape, n, dtypes, args.work, args.keep, args.include_lm_head))
+        result["cases"].append(run_case(args.shape, n, dtypes, args.work, args.keep, args.include_lm_head, args.strict,
+                                        args.validations.split(",") if args.validations else (None,),
+                                        args.memory_limit))
         result["machine"]["load_avg_at_end"] = os.getloadavg()
         if len(layers) > 1:
             result["sweep"] = [s for d in dtypes if (s := sweep_summary(result["cases"], full, d))]
         out.write_text(json.dumps(result, indent=2) + "\n")  # after every case: a partial run keeps its rows
         out.with_suffix(".md").write_text(markdown(result))
     print(out)
+
+
+def summarize(path):
+    """Recompute a result file's sweep (one per build key) and its markdown table."""
+    result = json.loads(path.read_text())
+    full = {"7b": 28, "32b": 64, "tiny": 2}[result["shape"]]
+    keys = list(dict.fromkeys(k for c in result["cases"] for k in c["builds"]))
+    if len(result["cases"]) > 1:
+        result["sweep"] = [s for k in keys if (s := sweep_summary(result["cases"], full, k))]
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown(result))
+    print(path.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

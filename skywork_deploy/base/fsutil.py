@@ -243,7 +243,11 @@ def owner_text(record):
 
 
 def _remove_marked(folder):
-    """Delete a marked folder, its marker last, so an interrupted delete stays recognisable."""
+    """Delete a marked folder, its marker last, so an interrupted delete stays recognisable. A folder already
+    moved away (export keeps a failed bundle as OUT.failed) is left alone: the error that moved it is the one
+    to report, not a missing temporary folder."""
+    if not folder.is_dir():
+        return
     for child in folder.iterdir():
         if child.name == MARKER:
             continue

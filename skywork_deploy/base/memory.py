@@ -28,6 +28,7 @@ decode) hold two copies: callers pass `sessions=2` to ask whether both fit.
 for CI runners whose cgroup limit is below the machine's free memory (and for tests).
 """
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,3 +158,35 @@ def peak_rss_bytes():
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def streamed_bytes(piece_bytes, held_bytes=0):
+    """Estimated peak of a layer-streamed run (export/streamed.py): one piece's session at a time, so the
+    largest piece's session_bytes, plus what is held between pieces (K/V of the batch, hidden states)."""
+    return max(piece_bytes) + int(held_bytes)
+
+
+class PeakMemory:
+    """Peak RSS of this process while a `with` block runs, sampled every 20 ms by a thread."""
+
+    def __init__(self, interval=0.02):
+        import psutil
+
+        self._proc, self._interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self._interval)
+
+    def __enter__(self):
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)

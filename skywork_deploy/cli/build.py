@@ -31,6 +31,9 @@ from .common import EXIT_USAGE, CommandError, check_path, emit_json, handle_erro
               help="ONNX int8 flavour: standard (ONNX Runtime) or vacc (vendor custom op).")
 @click.option("--ort-ops", type=click.Choice(["contrib", "onnx"]), default=None,
               help="ONNX Runtime graphs: contrib (fused kernels, default) or onnx (standard ops only).")
+@click.option("--validation", type=click.Choice(["auto", "whole", "streamed"]), default=None,
+              help="ONNX Runtime validation: whole sessions, layer-streamed (one piece at a time), or auto (whole "
+                   "when it fits, else streamed) [default: auto].")
 @click.option("--export-seq-len", default=None, callback=parse_int_list,
               help="Fixed ONNX buckets, e.g. 1024,2048 (default: dynamic axes).")
 @click.option("--tp", type=int, default=None, help="Tensor parallel size for vamc.")
@@ -53,7 +56,7 @@ from .common import EXIT_USAGE, CommandError, check_path, emit_json, handle_erro
 @json_option
 @handle_errors
 def build(model, config_file, dtype, out, demo, calib_dataset, calib_source, nsamples, seqlen, allow_packing,
-          min_top1, max_kl, int8_format, ort_ops, export_seq_len, tp, max_input_len, max_seq_len, sizes, vamc, prompt, eval_dataset, force,
+          min_top1, max_kl, int8_format, ort_ops, validation, export_seq_len, tp, max_input_len, max_seq_len, sizes, vamc, prompt, eval_dataset, force,
           allow_unvalidated, require_compile, as_json):
     """Run patch -> calib -> quantize -> export -> validate -> compile into one build folder.
 
@@ -95,6 +98,7 @@ def build(model, config_file, dtype, out, demo, calib_dataset, calib_source, nsa
                           ("calib.allow_packing", allow_packing), ("quantize.min_top1", min_top1),
                           ("quantize.max_kl", max_kl),
                           ("export.int8_format", int8_format), ("export.ort_ops", ort_ops),
+                          ("export.validation", validation),
                           ("export.seq_lens", export_seq_len),
                           ("compile.tp", tp), ("compile.max_input_len", max_input_len), ("compile.max_seq_len", max_seq_len),
                           ("compile.sizes", [list(s) for s in sizes] if sizes else None), ("compile.vamc", vamc),

@@ -265,3 +265,10 @@ def positive_int_list(ctx, param, value):
         if n < 1:
             raise click.BadParameter(f"{n} is not a positive integer (example: 128,1024)")
     return items
+
+
+def run_line(run):
+    """One validation mode's run (export/verify.py's `runs` entry): which way, peak memory, time."""
+    how = "layer-streamed" + (f", {run['layers_per_piece']} layers a piece" if run.get("layers_per_piece") else "") \
+        if run.get("how") == "streamed" else "whole sessions"
+    return f"{how}, peak RSS {run.get('peak_rss_bytes', 0) / 2**30:.2f} GiB, {run.get('seconds', 0):.1f} s"

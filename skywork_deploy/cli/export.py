@@ -1,7 +1,7 @@
 """`skywork-deploy export`: thin CLI over skywork_deploy.export."""
 import click
 
-from .common import PathArg, emit_json, extra_tensors_option, handle_errors, json_option, parse_int_list
+from .common import PathArg, emit_json, extra_tensors_option, handle_errors, json_option, parse_int_list, run_line
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,12 +17,17 @@ from .common import PathArg, emit_json, extra_tensors_option, handle_errors, jso
                    "LayerNormalization, RotaryEmbedding, GroupQueryAttention); onnx keeps standard ONNX ops only.")
 @click.option("--seq-len", "seq_lens", multiple=True, callback=parse_int_list,
               help="Fixed prefill bucket(s), multiples of 16 (repeat or comma-separate). Default: dynamic axes.")
+@click.option("--validation", type=click.Choice(["auto", "whole", "streamed"]), default="auto", show_default=True,
+              help="How ONNX Runtime runs the graphs for the check: whole (one session per graph), streamed (cut at "
+                   "decoder layers, one piece's session at a time: about the largest piece's memory), auto (whole "
+                   "when it fits, else streamed).")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT folder.")
 @extra_tensors_option
 @json_option
 @handle_errors
-def export(model, out, dtype, int8_format, ort_ops, seq_lens, no_simplify, overwrite, allow_extra_tensors, as_json):
+def export(model, out, dtype, int8_format, ort_ops, seq_lens, validation, no_simplify, overwrite, allow_extra_tensors,
+           as_json):
     """Export the prefill and decode ONNX graphs of MODEL and validate them against the torch reference.
 
     MODEL is a plain Qwen2 folder (patched on the fly in a temporary copy), a patched folder, or a folder
@@ -31,8 +36,10 @@ def export(model, out, dtype, int8_format, ort_ops, seq_lens, no_simplify, overw
     ONNX Runtime is checked against the reference on a left-padded batch and 8 chained decode steps; the
     table is written to OUT/validation.json. On a mismatch OUT is not created and the bundle is kept in
     OUT.failed for inspection. The reference is the whole fp32 model when it fits in memory, else a
-    layer-streamed one (SKYWORK_DEPLOY_REFERENCE=whole|streamed forces one); when not even one ONNX Runtime
-    session fits, validation is skipped with a warning (validation.json: "skipped").
+    layer-streamed one (SKYWORK_DEPLOY_REFERENCE=whole|streamed forces one). ONNX Runtime runs each graph as
+    one session when it fits, else layer-streamed (--validation): the same graph files cut at decoder layers,
+    one piece's session at a time, so 7B fp16 and 32B bundles are checked on a 24 GiB machine; only when not
+    even the largest piece fits is validation skipped with a warning (validation.json: "skipped").
 
     \b
     Examples:
@@ -40,16 +47,20 @@ def export(model, out, dtype, int8_format, ort_ops, seq_lens, no_simplify, overw
       skywork-deploy export ./or1-7b-vacc -o ./or1-7b-fp16 --dtype fp16 --seq-len 1024,2048
       skywork-deploy export ./or1-7b-int8 -o ./or1-7b-int8-onnx --int8-format vacc
       skywork-deploy export ./or1-7b-vacc -o ./or1-7b-portable --ort-ops onnx
+      skywork-deploy export ./or1-32b-vacc -o ./or1-32b-fp16 --dtype fp16 --validation streamed
     """
     from ..export import export_model
 
     result = export_model(model, out, dtype=dtype, int8_format=int8_format, seq_lens=seq_lens,
                           simplify=not no_simplify, overwrite=overwrite, ort_ops=ort_ops,
-                          allow_extra_tensors=allow_extra_tensors)
+                          validation=validation, allow_extra_tensors=allow_extra_tensors)
     if as_json:
         emit_json(result)
         return
     click.echo(result["validation"]["table"])
+    for mode, run in (result["validation"].get("runs") or {}).items():
+        if "seconds" in run:
+            click.echo(f"{mode}: {run_line(run)}")
     for kind, info in result["simplify"].items():
         if info.get("message"):
             click.echo(f"note: {info['message']}")

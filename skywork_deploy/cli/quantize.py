@@ -15,7 +15,8 @@ from .common import PathArg, emit_json, extra_tensors_option, handle_errors, jso
 @click.option("--include-lm-head", is_flag=True, help="Quantize lm_head too (unties a tied embedding).")
 @click.option("--eval/--no-eval", "evaluate", default=None,
               help="Compare logits of the quantized and original model on fixed prompts (layer-streamed "
-                   "in fp32, about one layer in memory; default: up to 10B parameters, as it takes time).")
+                   "in fp32, about one layer in memory; default: at every size, on the 2 shortest prompts above "
+                   "10B parameters for time; --eval: every prompt).")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=None, metavar="SHARE",
               help="Accuracy gate: least share of positions whose greedy token the quantized model keeps "
                    f"[default: {MIN_TOP1}].")
@@ -37,7 +38,8 @@ def quantize(model, out, bits, include_lm_head, evaluate, min_top1, max_kl, max_
     tokenizer files, a manifest and quantize_report.json (weight errors and end-to-end logits).
     Memory stays near the largest single tensor (the end-to-end check: near one fp32 layer). The check
     passes only within its stated thresholds (--min-top1, --max-kl); outside them the command exits 1 and
-    writes nothing. With --no-eval (or above 10B parameters by default) its verdict is "skipped".
+    writes nothing. With --no-eval its verdict is "skipped"; above 10B parameters it checks the 2 shortest
+    prompts unless --eval (the report says so).
     `load_model(OUT)` computes what `quantize(8)` computes in memory, bit for bit.
 
     \b

@@ -5,7 +5,7 @@
            ─► [not vacc: fuse q/k/v and gate/up into one MatMul each (fuse.py)] ─► onnxsim
            ─► [int8 standard: weights in MatMulNBits' layout, plus pre-fused graph files (nbits.py)]
            ─► stream initializers from the shards into model.onnx.data (shared by every graph file)
-           ─► ONNX Runtime vs torch reference ─► manifest
+           ─► ONNX Runtime vs torch reference (whole sessions, or layer-streamed: verify.py) ─► manifest
 
 The ONNX Runtime graphs (not vacc) are traced with residual+RMSNorm, rotary and attention as ONNX Runtime
 contrib ops (--ort-ops contrib, the default; contrib.py) or in standard ONNX ops (--ort-ops onnx; attention.py).
@@ -16,5 +16,6 @@ halves disk use and export time; an int8 standard bundle adds `prefill.nbits.onn
 graph files over the same data, listed in the manifest's `graph_variants`.
 """
 from .stage import DTYPES, GRAPHS, INT8_FORMATS, ORT_OPS, check_options, export_model
+from .verify import VALIDATIONS
 
-__all__ = ["DTYPES", "GRAPHS", "INT8_FORMATS", "ORT_OPS", "check_options", "export_model"]
+__all__ = ["DTYPES", "GRAPHS", "INT8_FORMATS", "ORT_OPS", "VALIDATIONS", "check_options", "export_model"]

@@ -175,5 +175,10 @@ def variants(proto):
     return out
 
 
+def variant_file(kind, variant):
+    """The graph file of a pre-fused variant: `prefill.nbits.onnx`, `decode.nbits-exact.onnx`."""
+    return f"{kind}.{variant}.onnx"
+
+
 def count(proto):
     return sum(n.op_type == "MatMulNBits" for n in proto.graph.node)

@@ -5,7 +5,7 @@
            ─► [not vacc: fuse q/k/v and gate/up into one MatMul each (fuse.py)] ─► onnxsim
            ─► [int8 standard: weights in MatMulNBits' layout, plus pre-fused graph files (nbits.py)]
            ─► stream initializers from the shards into model.onnx.data (shared by every graph file)
-           ─► ONNX Runtime vs torch reference ─► manifest
+           ─► ONNX Runtime vs torch reference (whole sessions, or layer-streamed: verify.py) ─► manifest
 
 The ONNX Runtime graphs (not vacc) are traced with residual+RMSNorm, rotary and attention as ONNX Runtime
 contrib ops (--ort-ops contrib, the default; contrib.py) or in standard ONNX ops (--ort-ops onnx; attention.py).
@@ -122,12 +122,17 @@ def build_graphs(folder, dtype, int8_format, seq_lens, ort_ops="contrib"):
 
 
 def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, simplify=True, overwrite=False,
-                 ort_ops="contrib", allow_extra_tensors=False):
-    """Export MODEL (plain, patched or quantized folder) into bundle `out`; returns a result dict."""
+                 ort_ops="contrib", validation="auto", allow_extra_tensors=False):
+    """Export MODEL (plain, patched or quantized folder) into bundle `out`; returns a result dict.
+
+    validation: how ONNX Runtime runs the graphs for the check (verify.py): `whole` (one session per graph),
+    `streamed` (cut at decoder layers, one piece's session at a time), `auto` (whole when it fits, else
+    streamed)."""
     import onnx
 
     from . import int8, nbits, weights
     from .simplify import simplify as run_simplify
+    from .verify import VALIDATIONS, validate_bundle
     from ..patch import resolve_model
 
     start = time.perf_counter()
@@ -138,6 +143,8 @@ def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, 
     cfg = read_config(src)
     quantized = (cfg.get("quantization_config") or {}).get("quant_method") == "vacc_w8a16"
     dtype, int8_format, seq_lens, ort_ops = check_options(spec, dtype, int8_format, seq_lens, quantized, ort_ops)
+    if validation not in VALIDATIONS:
+        raise ConfigError(f"--validation {validation}: choose one of {', '.join(VALIDATIONS)}")
     out = Path(out)
     check_output(out, [src], overwrite)  # the output rule, before any work
     with work_dir("skywork-export-") as work:
@@ -168,7 +175,7 @@ def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, 
             timing["weights"] = _lap(start, timing)
             files = {f"{kind}.onnx": proto for kind, proto in zip(GRAPHS, protos)}
             for kind, proto in zip(GRAPHS, fused):
-                files.update({_variant_file(kind, v): g for v, g in nbits.variants(proto).items()})
+                files.update({nbits.variant_file(kind, v): g for v, g in nbits.variants(proto).items()})
             for name, proto in files.items():
                 onnx.save_model(proto, str(tmp / name))
                 onnx.checker.check_model(str(tmp / name))
@@ -176,7 +183,7 @@ def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, 
             timing["save_and_check"] = _lap(start, timing)
             write_seconds = time.perf_counter() - start - trace_seconds
             export_rss = peak_rss_bytes()  # before validation loads the reference model and ORT sessions
-            report = _validate(tmp, folder, dtype, int8_format, spec, seq_lens, protos)
+            report = validate_bundle(tmp, folder, dtype, int8_format, spec, seq_lens, protos, validation)
             timing["validation"] = report.get("seconds", {})
             write_json(tmp / "validation.json", report)
             manifest = _manifest(tmp, src, spec, dtype, int8_format, seq_lens, ort_ops, protos, simplified,
@@ -198,16 +205,6 @@ def export_model(model, out, dtype=None, int8_format="standard", seq_lens=None, 
               "simplify": simplified, "validation": report, "manifest": manifest, "timing": timing,
               "custom_nodes": len(int8.custom_nodes(protos[0]))}
     return result
-
-
-def _variant_file(kind, variant):
-    return f"{kind}.{variant}.onnx"
-
-
-def _mode_paths(bundle, variant):
-    """[prefill, decode] paths a validation mode runs: its pre-fused variant when present, else the standard."""
-    paths = [bundle / _variant_file(k, variant) for k in GRAPHS] if variant else []
-    return paths if paths and all(p.is_file() for p in paths) else [bundle / f"{k}.onnx" for k in GRAPHS]
 
 
 def _prefused(protos, params_list):
@@ -233,88 +230,6 @@ def _copy_side_files(folder, dst):
             shutil.copy2(Path(folder) / name, dst / name)
 
 
-def _validate(bundle, folder, dtype, int8_format, spec, seq_lens, protos):
-    """Run validate.py's checks for this dtype/flavour; returns the report dict (rows, passed, table).
-
-    The reference is computed and freed first, then each ORT mode runs one session at a time. A mode whose
-    session would not fit in memory is skipped; when no gated mode ran, `passed` is None and `skipped` says why.
-    """
-    import onnx
-
-    from . import int8, validate as v, weights
-    from ..base.memory import graph_weights
-    from ..base.reference import fp32_model_bytes
-
-    seq = seq_lens[0] if seq_lens else v.PROMPT_LEN
-    is_int8 = dtype == "int8"
-    float_np = "float16" if dtype == "fp16" else "float32"
-    if not is_int8:
-        modes, variants = [(f"{dtype} ort", v.FAST, True)], {}
-    else:
-        modes = [("int8 ort exact", v.EXACT, True), ("int8 ort unfused", v.UNFUSED, True),
-                 (v.FAST_MODE, v.FAST, False)]
-        variants = {"int8 ort exact": "nbits-exact", v.FAST_MODE: "nbits"}
-    # each mode's graphs: the pre-fused MatMulNBits files when the bundle has them (nbits.py), else the
-    # standard graphs with ONNX Runtime's load-time fusion
-    paths = {mode: _mode_paths(bundle, variants.get(mode)) for mode, _, _ in modes}
-    data_bytes = (bundle / weights.DATA_FILE).stat().st_size
-    sizes = {mode: graph_weights(protos[0] if int8_format == "vacc" else
-                                 onnx.load(str(paths[mode][0]), load_external_data=False)) for mode, _, _ in modes}
-    skipped_modes = {mode: why for mode, options, _ in modes
-                     if (why := v.ort_fits(data_bytes, sizes[mode], options, is_int8))}
-    how, why_ref = v.choose_reference(fp32_model_bytes(folder))
-    base = {"reference_kind": how, "reference_choice": why_ref, "seq_len": seq, "batch": 2,
-            "left_padding": v.PAD, "decode_steps": v.DECODE_STEPS, "decode_tokens": "forced (seeded)"}
-    if is_int8:
-        base["reference"] = "ours+quantize(8) fp32" + (", layer-streamed" if how == "streamed" else "")
-    else:
-        base["reference"] = ("transformers Qwen2ForCausalLM eager fp32" if how == "whole" else
-                             "ours fp32, layer-streamed (skywork_deploy.base.reference)")
-    if all(m in skipped_modes for m, _, gated in modes if gated):
-        reason = "; ".join(sorted(set(skipped_modes.values())))
-        log.warning("ONNX Runtime validation skipped: %s", reason)
-        return {**base, "passed": None, "skipped": reason, "skipped_modes": skipped_modes, "rows": [],
-                "table": f"WARNING: ONNX Runtime validation skipped (bundle not validated): {reason}"}
-    clock = time.perf_counter()
-    seconds = {}  # per phase: the one reference pass, then each mode (its sessions and steps)
-    ref = v.reference_logits(folder, is_int8, spec.vocab_size, seq, how)
-    seconds["reference"] = round(time.perf_counter() - clock, 2)
-    temp = []
-    if int8_format == "vacc":  # ORT cannot run the custom op: check its reference rewrite (same weights)
-        temp = [bundle / f".validate-{k}.onnx" for k in GRAPHS]
-        for proto, path in zip(protos, temp):
-            onnx.save_model(int8.to_reference(proto), str(path))
-        paths = {mode: temp for mode in paths}
-    rows, decode_steps_by_mode = [], {}
-    try:
-        for mode, options, gated in modes:
-            if mode in skipped_modes:
-                log.warning("validation mode %r skipped: %s", mode, skipped_modes[mode])
-                continue
-            clock = time.perf_counter()
-            chain = v.decode_steps(options, sizes[mode]["int8"] + sizes[mode]["int8_nbits"])
-            if chain < v.DECODE_STEPS:
-                decode_steps_by_mode[mode] = chain
-            steps, nonfinite = v.run_chain(*paths[mode], spec.num_layers, spec.vocab_size, seq, options,
-                                           float_np, low_memory=not is_int8, desc=f"validate: {mode}",
-                                           steps=chain)
-            rows += v.compare(mode, "fp16" if dtype == "fp16" else "exact", gated, steps, nonfinite, ref)
-            seconds[mode] = round(time.perf_counter() - clock, 2)
-    finally:
-        for path in temp:
-            path.unlink(missing_ok=True)
-    checked = "vacc graph with custom nodes rewritten to DequantizeLinear+Transpose+MatMul" \
-        if int8_format == "vacc" else "bundle graphs"
-    report = {**base, "passed": all(r["ok"] for r in rows), "checked": checked, "rows": rows,
-              "table": v.table(rows), "seconds": seconds}
-    if skipped_modes:
-        report["skipped_modes"] = skipped_modes
-    if decode_steps_by_mode:  # modes whose chain is shorter than decode_steps (validate.decode_steps says why)
-        report["decode_steps_by_mode"] = decode_steps_by_mode
-    log.debug("validation:\n%s", report["table"])
-    return report
-
-
 def _io(values):
     from .weights import ONNX_TYPES
 
@@ -329,7 +244,7 @@ def _manifest(bundle, src, spec, dtype, int8_format, seq_lens, ort_ops, protos, 
     float_type = "float16" if dtype == "fp16" else "float32"
     variants = {}  # pre-fused MatMulNBits graphs over the same data file (nbits.py), by runtime accuracy
     for variant, (accuracy, level) in nbits.VARIANTS.items():
-        files = {kind: _variant_file(kind, variant) for kind in GRAPHS}
+        files = {kind: nbits.variant_file(kind, variant) for kind in GRAPHS}
         if all((bundle / f).is_file() for f in files.values()):
             variants[variant] = {"accuracy_level": level, "int8_accuracy": accuracy,
                                  **{kind: {"file": f, "sha256": sha256_file(bundle / f)} for kind, f in files.items()}}
@@ -359,11 +274,18 @@ def _manifest(bundle, src, spec, dtype, int8_format, seq_lens, ort_ops, protos, 
                    "sha256": sha256_file(bundle / weights.DATA_FILE)},
         exporter="torch.onnx TorchScript (opset 17), traced without weights, initializers streamed",
         patched_on_the_fly=patched_copy, validation={"passed": report["passed"], "file": "validation.json",
+                                                 "runs": _runs_summary(report),
                                                  **({"skipped": report["skipped"]} if "skipped" in report else {})},
         ort_ops=ort_ops, options={"dtype": dtype, "int8_format": int8_format, "seq_lens": seq_lens, "ort_ops": ort_ops},
         fp16_weights=_fp16_weights(protos[0], dtype), seconds=timing or {},
         peak_rss_before_validation_bytes=export_rss,  # trace + streaming; validation's sessions come after
     )
+
+
+def _runs_summary(report):
+    """{mode: {how, peak_rss_bytes, seconds, ...}}: which way each validation mode ran (verify.py)."""
+    keep = ("how", "layers_per_piece", "estimate_bytes", "peak_rss_bytes", "seconds")
+    return {mode: {k: run[k] for k in keep if k in run} for mode, run in (report.get("runs") or {}).items()}
 
 
 def _fp16_weights(proto, dtype):

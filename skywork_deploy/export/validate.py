@@ -178,7 +178,8 @@ def ort_fits(data_bytes, weights, options, int8, available=None):
     return None if fit.fits else fit.message
 
 
-def _session(path, options, low_memory):
+def open_session(model, options, low_memory, data_folder=None):
+    """A CPU session of a graph file, or of serialized graph bytes whose external data is in `data_folder`."""
     import onnxruntime as ort
 
     from ..base.verbosity import ort_severity
@@ -188,7 +189,10 @@ def _session(path, options, low_memory):
     so.enable_cpu_mem_arena = False  # activations freed after each run, not kept in a growing arena
     for key, value in {**(LOW_MEMORY_SESSION if low_memory else {}), **options}.items():
         so.add_session_config_entry(key, value)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    if data_folder is not None:  # graph bytes: their external data paths are relative to this folder
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_folder))
+    return ort.InferenceSession(model if data_folder is not None else str(model), so,
+                                providers=["CPUExecutionProvider"])
 
 
 def run_chain(prefill_path, decode_path, num_layers, vocab, seq_len, options, float_np, low_memory=True,
@@ -204,14 +208,14 @@ def run_chain(prefill_path, decode_path, num_layers, vocab, seq_len, options, fl
     ids, mask, forced = make_inputs(vocab, seq_len)
     decodes = min(steps, DECODE_STEPS)
     steps = bar(total=1 + decodes, desc=desc, unit="step")
-    session = _session(prefill_path, options, low_memory)
+    session = open_session(prefill_path, options, low_memory)
     out = session.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)})
     steps.update(1)
     del session  # freed here (reference counting): one session at a time
     logits, nonfinite = [out[0][:, -1, :]], [not all(np.isfinite(t).all() for t in out)]
     past = [t.astype(float_np) for t in out[1:]]
     del out
-    session = _session(decode_path, options, low_memory)
+    session = open_session(decode_path, options, low_memory)
     for step in range(decodes):
         mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
         feed = {"input_ids": forced[:, step:step + 1], "attention_mask": mask,

@@ -12,13 +12,13 @@ import logging
 import os
 import platform
 import shutil
-import threading
 import time
 from pathlib import Path
 
 from ..base.errors import DeployError, InputError
 from ..base.fsutil import check_not_input, folder_lock, read_marker, sha256_file, write_json, written_by_us
 from ..base.manifest import FORMAT, make_manifest
+from ..base.memory import PeakMemory
 from ..version import __version__
 
 log = logging.getLogger(__name__)
@@ -27,32 +27,6 @@ OWNER = "owner.json"            # BUILD/.stages/owner.json: the names this build
 TOP_FILES = ("build.yaml", "manifest.json")
 STAGE_NAMES = ("patch", "calib", "quantize", "export", "validate", "compile")
 LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxsim", "safetensors", "tokenizers", "numpy")
-
-
-class PeakMemory:
-    """Peak RSS of this process while a `with` block runs, sampled every 20 ms by a thread."""
-
-    def __init__(self, interval=0.02):
-        import psutil
-
-        self._proc, self._interval, self.peak = psutil.Process(), interval, 0
-        self._stop = threading.Event()
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(self._interval)
-
-    def __enter__(self):
-        self.peak = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
 def stage_key(name, options, upstream):

@@ -40,6 +40,7 @@ class ExportSettings:
     ort_ops: str = "contrib"  # ONNX Runtime graphs: contrib (fused kernels) or onnx (standard ops only)
     seq_lens: list = None  # None: dynamic axes
     simplify: bool = True
+    validation: str = "auto"  # ONNX Runtime validation: auto (whole when it fits, else streamed), whole, streamed
 
 
 @dataclass
@@ -188,6 +189,10 @@ class BuildSettings:
             problems.append("export.int8_format: must be standard or vacc")
         if self.export.ort_ops not in ("contrib", "onnx"):
             problems.append("export.ort_ops: must be contrib or onnx")
+        from ..export.verify import VALIDATIONS
+
+        if self.export.validation not in VALIDATIONS:
+            problems.append(f"export.validation: must be one of {', '.join(VALIDATIONS)} (--validation)")
         for key, low, high in (("min_top1", 0, 1), ("max_kl", 0, float("inf"))):
             value = getattr(self.quantize, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))

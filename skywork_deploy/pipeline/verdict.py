@@ -6,7 +6,7 @@ Outcomes (what each word means, also in the README):
 - checked only: measured and recorded, not gated (the smoke run's ONNX Runtime vs torch tokens);
 - done: the stage wrote its output and has no accuracy check of its own (patch, calib);
 - skipped (why): a check that did not run, with the reason (a session that would not fit in memory,
-  `--no-eval`, a model above the quantize check's default size);
+  `--no-eval`);
 - compiled / not compiled (why): whether `vamc` ran and its outputs were checked, or only the config was
   written and checked (a dry run, because no `vamc` was found);
 - FAILED (why): a check ran and missed its thresholds (the stage raised; nothing was accepted).
@@ -86,8 +86,10 @@ def stage_outcomes(results):
                             "gate": GATE_UNCHECKED})
             else:
                 bad = [r for r in gated if not r.get("ok")]
+                streamed = [m for m, run in (v.get("runs") or {}).items() if run.get("how") == "streamed"]
                 detail = (f"{len(gated) - len(bad)}/{len(gated)} gated checks within tolerance"
-                          + (f", {len(info)} info rows not gated" if info else ""))
+                          + (f", {len(info)} info rows not gated" if info else "")
+                          + (f", layer-streamed: {', '.join(streamed)}" if streamed else ""))
                 out.append({"stage": name, "outcome": "FAILED" if bad else "validated", "detail": detail,
                             "gate": GATE_FAILED if bad else GATE_OK})
         elif name == "validate":

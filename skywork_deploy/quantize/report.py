@@ -184,8 +184,11 @@ def _whole_in_memory_vs_folder(model_folder, quant_folder, prompts, bits, includ
     return in_memory, quantized
 
 
-def evaluate(model_folder, quant_folder, bits, include_lm_head, whole_max_params=None):
+def evaluate(model_folder, quant_folder, bits, include_lm_head, whole_max_params=None, max_prompts=None,
+             subset=None):
     """Original vs quantized folder on the fixed prompts, layer-streamed (about one fp32 layer in memory).
+
+    `max_prompts`: only that many of the shortest prompts (the report's `prompt_subset` says why: `subset`).
 
     Bit-identity to the in-memory `quantize(bits)` needs whole fp32 models: checked up to `whole_max_params`
     parameters (default EVAL_WHOLE_MAX_PARAMS), reported as not run above.
@@ -195,11 +198,14 @@ def evaluate(model_folder, quant_folder, bits, include_lm_head, whole_max_params
     spec = ModelSpec.from_folder(model_folder)
     whole_max_params = EVAL_WHOLE_MAX_PARAMS if whole_max_params is None else whole_max_params
     prompts, source = prompt_ids(model_folder, spec.vocab_size)
+    if max_prompts:
+        prompts = sorted(prompts, key=len)[:max_prompts]
     original = _streamed(model_folder, prompts, "check: original")
     quantized = _streamed(quant_folder, prompts, "check: quantized")
     result = compare_logits(original, quantized)
     result.pop("exact")
-    result.update(prompts=len(prompts), prompt_source=source, method="layer-streamed")
+    result.update(prompts=len(prompts), prompt_source=source, method="layer-streamed",
+                  **({"prompt_subset": subset} if max_prompts else {}))
     if spec.num_parameters > whole_max_params:
         result.update(bit_identical_to_in_memory=None, bit_identical_check=(
             f"not run above {whole_max_params / 1e9:g}B parameters (needs the whole fp32 model)"))
@@ -278,7 +284,9 @@ def format_table(report):
     if "skipped" in e2e:
         lines.append(f"end to end: skipped ({e2e['skipped']})")
     elif e2e:
-        lines.append(f"end to end ({e2e['prompts']} prompts, {e2e['positions']} positions, fp32"
+        lines.append(f"end to end ({e2e['prompts']} prompts"
+                     f"{' (' + e2e['prompt_subset'] + ')' if e2e.get('prompt_subset') else ''}, "
+                     f"{e2e['positions']} positions, fp32"
                      f"{', ' + e2e['method'] if e2e.get('method') else ''}): "
                      f"max |dlogit| {e2e['max_abs_diff']:.4g}, top-1 agreement {e2e['top1_agreement']:.1%}, "
                      f"mean KL {e2e['mean_kl']:.3g} nats, min cosine {e2e['min_cosine']:.6f}, "

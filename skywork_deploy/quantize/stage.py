@@ -40,9 +40,12 @@ SUPPORTED_BITS = (8,)
 REPORT_NAME = "quantize_report.json"
 DEFAULT_MAX_SHARD_BYTES = 1_000_000_000
 CHUNK_ELEMENTS = 1 << 20  # elements per row chunk read: a 4 MB fp32 working copy
-# Above this the end-to-end check is skipped unless --eval: memory stays near one fp32 layer (layer-streamed),
-# but its time grows with the model (~25 s per 4 layers of 7B shape on 2 cores: 7B ~3 min, 32B ~half an hour).
-EVAL_AUTO_MAX_PARAMS = 10_000_000_000
+# The end-to-end check runs at every size by default (memory stays near one fp32 layer: layer-streamed). Its time
+# grows with the model (~25 s per 4 layers of 7B shape on 2 cores), so above EVAL_SHORT_PARAMS parameters it
+# runs on the EVAL_SHORT_PROMPTS shortest fixed prompts (stated in the report's end_to_end.prompt_subset);
+# --eval runs every prompt at any size.
+EVAL_SHORT_PARAMS = 10_000_000_000
+EVAL_SHORT_PROMPTS = 2
 # <proj> -> parent module in a decoder layer, in the vendor's order.
 PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -273,8 +276,9 @@ def quantize_model(model, out, bits=8, include_lm_head=False, evaluate=None, max
                    overwrite=False, progress=False, min_top1=None, max_kl=None, allow_extra_tensors=False):
     """Quantize the checkpoint in folder `model` into the new folder `out`. Returns a result dict.
 
-    evaluate: True / False / None (auto: up to EVAL_AUTO_MAX_PARAMS parameters). The check is layer-streamed
-    (about one fp32 layer in memory), so --eval works for any size; the limit is only about time.
+    evaluate: True (every fixed prompt) / False (skipped) / None (auto: every prompt up to EVAL_SHORT_PARAMS
+    parameters, the EVAL_SHORT_PROMPTS shortest above, for time). The check is layer-streamed (about one fp32
+    layer in memory), so it runs at any size.
     min_top1 / max_kl: the accuracy gate of that check (quantize_report.MIN_TOP1 / MAX_KL when None); outside
     it, ValidationError and nothing written.
     """
@@ -293,10 +297,9 @@ def quantize_model(model, out, bits=8, include_lm_head=False, evaluate=None, max
         if problems:
             raise ModelFormatError(problems[0])
     skip_reason = "--no-eval" if evaluate is False else None
-    if evaluate is None and spec.num_parameters > EVAL_AUTO_MAX_PARAMS:
-        skip_reason = (f"{spec.num_parameters / 1e9:.1f}B parameters is above the {EVAL_AUTO_MAX_PARAMS / 1e9:.0f}B "
-                       "default limit (the layer-streamed check fits in memory but takes long; pass --eval)")
-        log.warning("end-to-end check skipped: %s", skip_reason)
+    max_prompts = EVAL_SHORT_PROMPTS if evaluate is None and spec.num_parameters > EVAL_SHORT_PARAMS else None
+    subset = (f"the {EVAL_SHORT_PROMPTS} shortest fixed prompts: {spec.num_parameters / 1e9:.1f}B parameters is "
+              f"above {EVAL_SHORT_PARAMS / 1e9:.0f}B (time; --eval checks every prompt)") if max_prompts else None
     source_dtype = "+".join(sorted({FLOAT_DTYPES[p.dtype] for p in plans if p.quantize}))
     qconfig = quantization_config(bits, include_lm_head, source_dtype)
     untie = include_lm_head and any(p.out_name != p.name for p in plans)
@@ -310,7 +313,8 @@ def quantize_model(model, out, bits=8, include_lm_head=False, evaluate=None, max
         if skip_reason:
             report["end_to_end"] = {"skipped": skip_reason}
         else:
-            report["end_to_end"] = quantize_report.evaluate(folder, tmp, bits, include_lm_head)
+            report["end_to_end"] = quantize_report.evaluate(folder, tmp, bits, include_lm_head,
+                                                            max_prompts=max_prompts, subset=subset)
         quantize_report.check_thresholds(report["end_to_end"], min_top1, max_kl)  # the stated accuracy gate
         failed = quantize_report.threshold_error(out, report["end_to_end"])
         if failed:  # outside the thresholds: nothing is left in OUT

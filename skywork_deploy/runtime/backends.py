@@ -7,7 +7,9 @@ A backend computes two steps on NumPy int64 inputs:
 `kv` is opaque to the caller (torch tensors, ONNX Runtime OrtValues or buffers it appends to in place): pass
 back the one the last step returned, never an older one.
 
-Backends: `onnxruntime` (an export bundle, CPU) and `torch` (our model from the source folder: the reference).
+Backends: `onnxruntime` (an export bundle, CPU), `onnxruntime-streamed` (the same graphs cut at decoder layers,
+one piece's session at a time: for bundles whose whole session does not fit; slow, every token loads every
+piece) and `torch` (our model from the source folder: the reference).
 `BACKENDS` maps each name to a factory `f(bundle, **options) -> Backend`. There is no step-by-step VACC
 backend: the vendor publishes no API for running a compiled LLM's prefill/decode with a KV cache through
 `vaststreamx` (VENDOR.md §4); a compiled folder runs behind `vastgenx serve`, which `skywork-deploy serve`
@@ -22,6 +24,12 @@ def _onnxruntime_backend(bundle, **options):
     return OrtBackend(bundle, **options)
 
 
+def _streamed_backend(bundle, **options):
+    from .streamed_backend import StreamedBackend
+
+    return StreamedBackend(bundle, **options)
+
+
 def _torch_backend(bundle, **options):
     from .torch_backend import TorchBackend
 
@@ -30,6 +38,7 @@ def _torch_backend(bundle, **options):
 
 BACKENDS = {
     "onnxruntime": _onnxruntime_backend,
+    "onnxruntime-streamed": _streamed_backend,
     "torch": _torch_backend,
 }
 

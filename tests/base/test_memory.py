@@ -122,10 +122,11 @@ def test_smoke_run_uses_the_exact_path_that_fits(int8_bundle, monkeypatch):
     bundle = open_bundle(int8_bundle)
     w = memory.graph_weights(int8_bundle / "prefill.onnx")
     monkeypatch.delenv(memory.LIMIT_ENV, raising=False)
-    assert _smoke_session(bundle) == ({"one_session": True, "int8_accuracy": "exact"}, None)
+    assert _smoke_session(bundle) == ("onnxruntime", {"one_session": True, "int8_accuracy": "exact"}, None)
     between = (memory.session_bytes(w, "int8-fused") + memory.session_bytes(w, "int8-unfused")) / 2
     monkeypatch.setenv(memory.LIMIT_ENV, str(int(between / memory.FRACTION)))
-    assert _smoke_session(bundle) == ({"one_session": True, "int8_accuracy": "fast"}, None)
-    monkeypatch.setenv(memory.LIMIT_ENV, "1M")
-    options, why = _smoke_session(bundle)
-    assert options == {} and why.startswith("ONNX Runtime smoke run skipped") and "GiB" in why
+    assert _smoke_session(bundle) == ("onnxruntime", {"one_session": True, "int8_accuracy": "fast"}, None)
+    monkeypatch.setenv(memory.LIMIT_ENV, "1M")  # not even the largest piece (tests/runtime: the streamed choice)
+    backend, options, why = _smoke_session(bundle)
+    assert backend is None and options == {} and why.startswith("ONNX Runtime smoke run skipped") and "GiB" in why
+    assert "layer-streamed" in why

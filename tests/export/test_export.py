@@ -272,7 +272,9 @@ def test_validation_skipped_when_no_session_fits_is_reported_not_passed(small_mo
     report = json.loads((out / "validation.json").read_text())
     assert report["passed"] is None and "GiB" in report["skipped"] and report["rows"] == []
     assert "skipped" in result["validation"]["table"] and out.is_dir()
-    assert _manifest(out)["validation"] == {"passed": None, "file": "validation.json", "skipped": report["skipped"]}
+    assert _manifest(out)["validation"] == {"passed": None, "file": "validation.json", "runs": {},
+                                            "skipped": report["skipped"]}
+    assert "layer-streamed" in report["skipped"]  # auto: tried whole, then streamed
 
 
 def test_int8_from_bf16_keeps_embedding_and_lm_head_in_fp16_exactly(tiny_model_factory, small_model, tmp_path):

@@ -307,3 +307,14 @@ def test_validation_table_explains_its_info_rows_and_names_the_fast_path_as_run_
     assert modes == {"int8 ort exact": True, "int8 ort unfused": True, "int8 ort fast": False}
     assert validation["table"].endswith(LEGEND) and "run --int8-accuracy fast" in LEGEND
     assert "default" not in validation["table"]
+
+
+def test_streamed_validation_reruns_export_and_is_named_in_the_verdict(built, tmp_path):
+    folder = copy(built, tmp_path)
+    manifest = rerun(folder, "--validation", "streamed")
+    assert ran(manifest) == ["export", "validate"] and manifest["accepted"]
+    assert manifest["settings"]["export"]["validation"] == "streamed"
+    assert "validation: streamed" in (folder / "build.yaml").read_text()
+    runs = json.loads((folder / "export" / "validation.json").read_text())["runs"]
+    assert {run["how"] for run in runs.values()} == {"streamed"}
+    assert "layer-streamed: int8 ort exact, int8 ort unfused, int8 ort fast" in manifest["verdict"]["line"]

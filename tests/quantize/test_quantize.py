@@ -395,3 +395,20 @@ def test_compare_logits():
     res = compare_logits(ref, got)
     assert res["max_abs_diff"] == 2.0 and res["top1_agreement"] == 0.5 and res["mean_kl"] > 0
     assert compare_logits(ref, ref)["mean_kl"] == pytest.approx(0.0, abs=1e-7) and compare_logits(ref, ref)["exact"]
+
+
+def test_large_models_are_checked_on_fewer_prompts_not_skipped(tiny_model_factory, tmp_path, monkeypatch):
+    """Above EVAL_SHORT_PARAMS (10B: 32B builds) the default check still runs, on the shortest prompts, and the
+    report says so; --eval keeps every prompt."""
+    from skywork_deploy.quantize import report as quantize_report
+
+    monkeypatch.setattr(stage, "EVAL_SHORT_PARAMS", 0)
+    model_dir = tiny_model_factory("gqa", tokenizer=True, vocab_size=1024)
+    result = stage.quantize_model(model_dir, tmp_path / "q", min_top1=0, max_kl=1)
+    e2e = result["report"]["end_to_end"]
+    assert e2e["prompts"] == stage.EVAL_SHORT_PROMPTS < len(quantize_report.PROMPTS) and "passed" in e2e
+    assert "shortest" in e2e["prompt_subset"] and "above 0B" in e2e["prompt_subset"]
+    assert e2e["prompt_subset"] in quantize_report.format_table(result["report"])
+    full = stage.quantize_model(model_dir, tmp_path / "q-all", evaluate=True, min_top1=0, max_kl=1)
+    assert full["report"]["end_to_end"]["prompts"] == len(quantize_report.PROMPTS)
+    assert "prompt_subset" not in full["report"]["end_to_end"]
