@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from .errors import InputError
-from .process import find_tool, wait_interruptibly  # noqa: F401  (serve/vastgenx.py imports them from here)
 from .testpoint import pause_point
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ..base.errors import ConfigError, ExternalToolError, InputError, Interrupted, NetworkError
-from ..base.fsutil import find_tool, wait_interruptibly
+from ..base.process import find_tool, wait_interruptibly
 
 log = logging.getLogger(__name__)
 ENV_VAR = "SKYWORK_DEPLOY_VASTGENX"

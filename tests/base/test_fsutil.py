@@ -119,7 +119,7 @@ def test_wait_interruptibly_sees_ctrl_c_delivered_to_another_thread(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(
         "import signal, subprocess, sys, threading\n"
-        "from skywork_deploy.base.fsutil import wait_interruptibly\n"
+        "from skywork_deploy.base.process import wait_interruptibly\n"
         "proc = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], stdout=subprocess.PIPE)\n"
         "reader = threading.Thread(target=proc.stdout.read, daemon=True); reader.start()\n"
         "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])  # only the reader thread can receive it\n"
@@ -137,7 +137,7 @@ def test_wait_interruptibly_sees_ctrl_c_delivered_to_another_thread(tmp_path):
     assert child.returncode == 130 and "interrupted" in out
     assert time.monotonic() - start < 10
     with pytest.raises(subprocess.TimeoutExpired):  # a timeout still raises as Popen.wait's does
-        from skywork_deploy.base.fsutil import wait_interruptibly
+        from skywork_deploy.base.process import wait_interruptibly
 
         sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
         try:
